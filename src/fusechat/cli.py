@@ -1,0 +1,184 @@
+"""The ``fusechat`` command: one subcommand per stage, each taking the run config.
+
+Commands only parse arguments and call a stage's ``run``; heavy libraries are
+imported inside the stages so that ``fusechat --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fusechat import __version__
+from fusechat.errors import FusechatError, StageNotAvailable
+
+app = typer.Typer(
+    name="fusechat",
+    help="Fuse chat LLMs of different architectures and tokenizers into one model (FuseChat).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config field: key.sub=value (repeatable).", show_default=False),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is complete.")]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from fusechat.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _stage(name: str, cfg, force: bool = False, **options) -> None:
+    from fusechat.stages import run_stage
+
+    run_stage(name, cfg, force=force, **options)
+
+
+@app.command()
+def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Render and tokenize the conversations; loss only on assistant turns."""
+    _stage("prepare", _load(config, set_), force)
+
+
+@app.command()
+def represent(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    model: Annotated[Optional[str], typer.Option(help="Run one model of the run only.")] = None,
+) -> None:
+    """Record every model's top-k next-token logits and per-sequence cross-entropy."""
+    _stage("represent", _load(config, set_), force, model=model)
+
+
+@app.command()
+def align(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Map each source's distributions onto the pivot's tokens and vocabulary."""
+    _stage("align", _load(config, set_), force)
+
+
+@app.command()
+def fuse(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Choose, per sequence, the pivot's or the source's distribution (MinCE)."""
+    _stage("fuse", _load(config, set_), force)
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    source: Annotated[Optional[str], typer.Option(help="Train the target of one source only.")] = None,
+) -> None:
+    """Train one target per source from the pivot on the fused distributions."""
+    _stage("train", _load(config, set_), force, source=source)
+
+
+@app.command()
+def merge(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    analyze: Annotated[bool, typer.Option(help="Also write per-matrix weights and a heatmap.")] = False,
+) -> None:
+    """Merge the targets in parameter space (VaRM, SCE, linear, TA, TIES, DARE, SLERP)."""
+    _stage("merge", _load(config, set_), force, analyze=analyze)
+
+
+@app.command("eval")
+def eval_(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Evaluate the pivot, sources, targets and merges on held-out data."""
+    _stage("eval", _load(config, set_), force)
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Run every stage in order, skipping those whose output is complete."""
+    from fusechat.stages import run_all
+
+    run_all(_load(config, set_), force=force)
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a run config and print it with every default filled in."""
+    cfg = _load(config, set_)
+    typer.echo(cfg.to_yaml(), nl=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo run.")] = Path("fusechat-demo"),
+    force: ForceOpt = False,
+) -> None:
+    """Run the pipeline end to end on the built-in sample, no GPU or hub needed."""
+    from fusechat.demo import run_demo
+
+    run_demo(out, force=force)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
+    message: Annotated[Optional[str], typer.Option(help="Answer this one message and exit.")] = None,
+) -> None:
+    """Talk with a model through its chat template."""
+    raise StageNotAvailable("`fusechat chat` is not built yet in this version of fusechat")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fusechat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+EXIT_ERROR = 1
+EXIT_NOT_AVAILABLE = 3
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print as one clear message, never as a traceback."""
+    from rich.markup import escape
+
+    from fusechat.progress import console
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except StageNotAvailable as e:
+        console.print(f"[yellow]not available:[/yellow] {escape(str(e))}")
+        sys.exit(EXIT_NOT_AVAILABLE)
+    except FusechatError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        console.print("interrupted; complete work is kept, rerun the same command to go on")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,379 @@
+"""The run config: one YAML file describes a whole fusion run.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo is an error
+that names the closest valid key. Paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusechat.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """One model of the run: the pivot or a source."""
+
+    name: str = Field(description="Short name used for folders and table rows.")
+    path: str = Field(description="Local folder or Hugging Face hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"model name {v!r} must use letters, digits, '.', '_' or '-' (it names folders)")
+        return v
+
+
+class DataConfig(Section):
+    """Training conversations."""
+
+    paths: list[str] = Field(description="ShareGPT / OpenAI-messages JSON or JSONL files, or saved HF dataset folders.")
+    format: Literal["auto", "sharegpt", "openai", "hf"] = "auto"
+    split: str = Field("train", description="Split to read from a dataset folder or hub dataset with several.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="error: stop at bad records, naming them; skip: drop and count them by reason."
+    )
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("paths")
+    @classmethod
+    def _not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one data path is needed")
+        return v
+
+
+class PrepareConfig(Section):
+    template: str = Field(
+        "openchat",
+        description="Built-in template name (openchat, chatml) or 'tokenizer' for the pivot tokenizer's own chat template.",
+    )
+    max_length: int = Field(2048, gt=1, description="Longest block in pivot tokens; longer conversations are split.")
+    batch_size: int = Field(256, gt=0, description="Conversations tokenized together.")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        from fusechat.data.templates import BUILTIN_TEMPLATES
+
+        if v != "tokenizer" and v not in BUILTIN_TEMPLATES:
+            close = difflib.get_close_matches(v, ["tokenizer", *BUILTIN_TEMPLATES], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown template {v!r}{hint}; use 'tokenizer' or one of: {', '.join(BUILTIN_TEMPLATES)}")
+        return v
+
+
+class RepresentConfig(Section):
+    top_k: int = Field(10, gt=0)
+    batch_size: int = Field(8, gt=0)
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+
+class AlignConfig(Section):
+    method: Literal["offsets", "dtw"] = "offsets"
+    unaligned: Literal["one_hot", "drop"] = Field(
+        "one_hot", description="Pivot positions with no source distribution: one-hot on the gold token, or dropped."
+    )
+
+
+class FuseConfig(Section):
+    method: Literal["min_ce", "multi", "avg_ce"] = "min_ce"
+    ce_unit: Literal["token", "byte"] = "token"
+
+
+class TrainConfig(Section):
+    lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the gold-token loss.")
+    fusion_loss: Literal["ce", "kl"] = "ce"
+    temperature: float = Field(1.0, gt=0.0)
+    epochs: float = Field(3.0, gt=0.0)
+    learning_rate: float = Field(5e-6, gt=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    global_batch_size: int = Field(128, gt=0)
+    per_device_batch_size: int = Field(1, gt=0)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+
+class MergeConfig(Section):
+    method: Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"] = "varm"
+    granularity: Literal["matrix", "layer", "model"] = "matrix"
+    variation: Literal["square", "abs"] = "square"
+
+
+class EvalConfig(Section):
+    data: list[str] = Field(default_factory=list, description="Held-out conversation files.")
+    max_new_tokens: int = Field(256, gt=0)
+
+
+class RunConfig(Section):
+    """A whole fusion run."""
+
+    run_dir: str = Field(description="Folder every stage writes under.")
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataConfig
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    represent: RepresentConfig = Field(default_factory=RepresentConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> RunConfig:
+        seen: set[str] = set()
+        for i, src in enumerate(self.sources):
+            if src.name == self.pivot.name:
+                raise ValueError(f"sources[{i}].name {src.name!r} is the pivot's name; every model needs its own name")
+            if src.name in seen:
+                raise ValueError(f"sources[{i}].name {src.name!r} is used by another source; names must be unique")
+            seen.add(src.name)
+        return self
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """The pivot first, then the sources."""
+        return [self.pivot, *self.sources]
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.models)
+        raise ConfigError("config", [f"no model named {name!r} in this run (models: {known})"])
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, for manifests and skip-if-complete checks."""
+        payload = {s: _dump(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
+    """Read, override (``key.sub=value``), validate and path-check a run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["config file not found"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["the top level must be a mapping of sections (run_dir, pivot, sources, data, ...)"])
+    for item in overrides or []:
+        apply_override(raw, item, source=str(path))
+    cfg = validate_config(raw, source=str(path), yaml_text=text)
+    if check_paths:
+        problems = missing_paths(cfg)
+        if problems:
+            raise ConfigError(str(path), problems)
+    return cfg
+
+
+def validate_config(raw: dict, source: str = "config", yaml_text: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = _key_lines(yaml_text) if yaml_text else {}
+        raise ConfigError(source, [_describe(err, lines) for err in e.errors()]) from None
+
+
+def apply_override(raw: dict, item: str, source: str = "--set") -> None:
+    """Apply ``a.b.c=value`` to a raw config dict; the value is parsed as YAML.
+
+    List items are addressed by index (``sources.0.path``) or by their name
+    (``sources.solar.path``).
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(source, [f"--set {item!r}: expected key.sub=value"])
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part)
+            if idx is None:
+                raise ConfigError(source, [f"--set {key}: no item {part!r} in {'.'.join(parts[:depth])}"])
+            if last:
+                node[idx] = yaml.safe_load(value)
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = yaml.safe_load(value)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(source, [f"--set {key}: {'.'.join(parts[:depth])} is not a section"])
+
+
+def _list_index(node: list, part: str) -> int | None:
+    if part.isdigit():
+        return int(part) if int(part) < len(node) else None
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    return None
+
+
+def missing_paths(cfg: RunConfig) -> list[str]:
+    """Local paths named by the config that do not exist."""
+    problems = []
+    for i, p in enumerate(cfg.data.paths):
+        if Path(p).exists():
+            continue
+        if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
+            continue  # a hub dataset id, loaded by the prepare stage
+        problems.append(f"data.paths[{i}]: file not found: {p}")
+    for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
+        problem = model_path_problem(m.path)
+        if problem:
+            problems.append(f"{where}.path: {problem}")
+    return problems
+
+
+def model_path_problem(path: str) -> str | None:
+    if Path(path).exists():
+        return None if Path(path).is_dir() else f"{path} is a file; a model is a folder (or a hub id)"
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+    if looks_local or not HUB_ID_RE.match(path):
+        return f"folder not found: {path}"
+    return None  # a hub id: the loader says clearly if it is neither cached nor reachable
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _describe(err: dict, key_lines: dict[tuple, int]) -> str:
+    loc = tuple(err["loc"])
+    where = _loc_str(loc) or "(top level)"
+    line = _nearest_line(loc, key_lines)
+    prefix = f"line {line}: " if line else ""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(valid)})"
+        return f"{prefix}{where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{prefix}{where}: required key is missing"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg}, got {err['input']!r}"
+    return f"{prefix}{where}: {msg}" if loc else f"{prefix}{msg}"
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = _field_by_key(model, part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _field_by_key(model: type[BaseModel], key: str):
+    for name, f in model.model_fields.items():
+        if key in (name, f.alias):
+            return f
+    return None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line, for messages."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    out: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[(*path, i)] = v.start_mark.line + 1
+                walk(v, (*path, i))
+
+    walk(root, ())
+    return out
+
+
+def _nearest_line(loc: tuple, key_lines: dict[tuple, int]) -> int | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in key_lines:
+            return key_lines[loc[:n]]
+    return None

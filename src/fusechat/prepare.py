@@ -1,0 +1,292 @@
+"""Stage 1, prepare: conversations → rendered text, assistant spans, pivot token ids and labels.
+
+Output (``<run_dir>/prepared``) is a Hugging Face dataset saved to disk, one row
+per block, with the columns of ``FEATURES``. The ``text`` and its spans are the
+contract with later stages: every model reads this text with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusechat.config import RunConfig
+from fusechat.data.blocks import split_exchanges
+from fusechat.data.conversations import BadRecord, Conversation, parse_record
+from fusechat.data.masks import assistant_token_mask, labels_from_mask
+from fusechat.data.readers import iter_records
+from fusechat.data.templates import Rendered, get_template
+from fusechat.errors import DataError, FusechatError
+from fusechat.models import load_tokenizer, tokenizer_hash
+from fusechat.progress import console, progress_bar, summary_table
+from fusechat.run import RunDir, atomic_dir, is_complete, new_manifest, sha256_tree, write_manifest
+
+MAX_LISTED_ERRORS = 20
+
+
+def features():
+    import datasets
+
+    span = datasets.List(datasets.Value("int32"), length=2)
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "origin": datasets.Value("string"),
+            "text": datasets.Value("string"),
+            "assistant_spans": datasets.List(span),
+            "eos_spans": datasets.List(span),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "num_tokens": datasets.Value("int32"),
+            "num_assistant_tokens": datasets.Value("int32"),
+        }
+    )
+
+
+@dataclass
+class PrepareStats:
+    records: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    split: int = 0  # conversations cut into several blocks
+    truncated: int = 0  # blocks whose single exchange exceeded max_length
+    dropped_blocks: Counter = field(default_factory=Counter)  # reason -> count
+    trailing_user_turns: int = 0
+    rows: int = 0
+    tokens: int = 0
+    assistant_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "kept": self.kept,
+            "skipped": dict(self.skipped),
+            "split": self.split,
+            "truncated": self.truncated,
+            "dropped_blocks": dict(self.dropped_blocks),
+            "trailing_user_turns_dropped": self.trailing_user_turns,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "assistant_tokens": self.assistant_tokens,
+        }
+
+
+class Preparer:
+    """Renders and tokenizes conversations into rows; pure apart from the tokenizer."""
+
+    def __init__(self, tokenizer, template, max_length: int, stats: PrepareStats | None = None):
+        if tokenizer.eos_token is None:
+            raise FusechatError(f"the pivot tokenizer ({tokenizer.name_or_path}) has no eos token; templates need one")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.stats = stats or PrepareStats()
+
+    def _encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        enc = self.tokenizer(
+            texts, add_special_tokens=self.template.add_special_tokens, return_offsets_mapping=True, verbose=False
+        )
+        return enc["input_ids"], [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
+
+    def render(self, messages) -> Rendered:
+        return self.template.render(messages, self.tokenizer.eos_token)
+
+    def rows(self, conversations: list[Conversation]) -> Iterator[dict]:
+        rendered = []
+        for conv in conversations:
+            rendered.append(self.render(conv.messages))
+        all_ids, all_offsets = self._encode([r.text for r in rendered])
+        for conv, r, ids, offsets in zip(conversations, rendered, all_ids, all_offsets):
+            if len(ids) <= self.max_length:
+                yield from self._finish(conv, conv.id, r, ids, offsets)
+                continue
+            blocks = split_exchanges(conv.system, conv.exchanges(), self._fits)
+            if len(blocks) > 1:
+                self.stats.split += 1
+            for b, messages in enumerate(blocks):
+                r = self.render(messages)
+                (ids,), (offsets,) = self._encode([r.text])
+                if len(ids) > self.max_length:
+                    r, ids, offsets = self._truncate(r, ids, offsets)
+                    self.stats.truncated += 1
+                block_id = f"{conv.id}#{b}" if len(blocks) > 1 else conv.id
+                yield from self._finish(conv, block_id, r, ids, offsets)
+
+    def _fits(self, messages) -> bool:
+        (ids,), _ = self._encode([self.render(messages).text])
+        return len(ids) <= self.max_length
+
+    def _truncate(self, r: Rendered, ids: list[int], offsets: list[tuple[int, int]]):
+        """Cut text and tokens at a token boundary so that ``text`` still matches ``input_ids``."""
+        keep = self.max_length
+        while keep > 0:
+            cut = max((end for _, end in offsets[:keep]), default=0)
+            text = r.text[:cut]
+            new_ids, new_offsets = (x[0] for x in self._encode([text]))
+            if len(new_ids) <= self.max_length:
+                spans = [(s, min(e, cut)) for s, e in r.assistant_spans if s < cut]
+                eos = [(s, e) for s, e in r.eos_spans if e <= cut]
+                return Rendered(text, spans, eos), new_ids, new_offsets
+            keep -= 1
+        return Rendered(""), [], []
+
+    def _finish(self, conv: Conversation, row_id: str, r: Rendered, ids, offsets) -> Iterator[dict]:
+        mask = assistant_token_mask(offsets, r.assistant_spans)
+        n_assistant = sum(mask)
+        if n_assistant == 0:
+            self.stats.dropped_blocks["no_assistant_tokens_after_truncation"] += 1
+            return
+        self.stats.rows += 1
+        self.stats.tokens += len(ids)
+        self.stats.assistant_tokens += n_assistant
+        yield {
+            "id": row_id,
+            "origin": conv.origin,
+            "text": r.text,
+            "assistant_spans": [list(s) for s in r.assistant_spans],
+            "eos_spans": [list(s) for s in r.eos_spans],
+            "input_ids": list(ids),
+            "labels": labels_from_mask(ids, mask),
+            "num_tokens": len(ids),
+            "num_assistant_tokens": n_assistant,
+        }
+
+
+def iter_conversations(cfg: RunConfig, stats: PrepareStats) -> Iterator[Conversation | BadRecord]:
+    """Every record of every data file, parsed; bad ones come back as ``BadRecord``."""
+    for path in cfg.data.paths:
+        for where, record in iter_records(path, cfg.data.split):
+            stats.records += 1
+            if isinstance(record, BadRecord):
+                yield record
+                continue
+            try:
+                yield parse_record(record, cfg.data.format, where, stats.records - 1)
+            except BadRecord as bad:
+                yield bad
+
+
+def check_records(cfg: RunConfig) -> tuple[int, list[BadRecord]]:
+    """First pass: count the records and collect the bad ones, so errors are reported all at once."""
+    stats = PrepareStats()
+    bad = [c for c in iter_conversations(cfg, stats) if isinstance(c, BadRecord)]
+    return stats.records, bad
+
+
+def input_fingerprint(cfg: RunConfig, tok_hash: str) -> tuple[str, dict]:
+    import hashlib
+    import json
+
+    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
+    payload = {"config": cfg.section_hash("data", "prepare"), "tokenizer": tok_hash, "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16], inputs
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    """Prepare the run's conversations; skip when complete output from the same inputs exists."""
+    import datasets
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    datasets.disable_progress_bars()  # fusechat draws its own
+
+    out = RunDir(cfg.run_dir).stage("prepare")
+    tokenizer = load_tokenizer(cfg.pivot)
+    template = get_template(cfg.prepare.template, tokenizer)
+    tok_hash = tokenizer_hash(tokenizer)
+    fingerprint, inputs = input_fingerprint(cfg, tok_hash)
+    if is_complete(out, fingerprint, force):
+        console.print(f"prepare: {out} is complete, skipping")
+        return out
+
+    started = time.time()
+    total, bad = check_records(cfg)
+    if bad and cfg.data.on_bad_record == "error":
+        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED_ERRORS])
+        more = f"\n  ... and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
+        raise DataError(
+            f"{len(bad)} bad record(s) in the training data:\n{listed}{more}\n"
+            "Fix them, or set data.on_bad_record: skip to drop and count them."
+        )
+
+    stats = PrepareStats()
+    preparer = Preparer(tokenizer, template, cfg.prepare.max_length, stats)
+    with atomic_dir(out) as tmp, progress_bar() as bar:
+        task = bar.add_task("prepare", total=total)
+        arrow_path = tmp / "rows.arrow.tmp"
+        writer = ArrowWriter(features=features(), path=str(arrow_path))
+        batch: list[Conversation] = []
+
+        def flush():
+            rows = list(preparer.rows(batch))
+            if rows:
+                writer.write_batch({k: [r[k] for r in rows] for k in rows[0]})
+            bar.advance(task, len(batch))
+            batch.clear()
+
+        for item in iter_conversations(cfg, stats):
+            if isinstance(item, BadRecord):
+                stats.skipped[item.reason] += 1
+                bar.advance(task)
+                continue
+            stats.kept += 1
+            stats.trailing_user_turns += "trailing_user_turn" in item.notes
+            batch.append(item)
+            if len(batch) >= cfg.prepare.batch_size:
+                flush()
+        if batch:
+            flush()
+        writer.finalize()
+        if stats.rows == 0:
+            raise DataError(f"no usable conversation in {', '.join(cfg.data.paths)} ({stats.records} records read)")
+        Dataset.from_file(str(arrow_path)).save_to_disk(str(tmp / "dataset"))
+        arrow_path.unlink()
+        manifest = new_manifest(
+            "prepare",
+            fingerprint,
+            inputs=inputs,
+            pivot={"name": cfg.pivot.name, "path": cfg.pivot.path, "tokenizer_hash": tok_hash},
+            template=template.name,
+            add_special_tokens=template.add_special_tokens,
+            eos_token=tokenizer.eos_token,
+            max_length=cfg.prepare.max_length,
+            counts=stats.as_dict(),
+            elapsed_s=round(time.time() - started, 3),
+        )
+        manifest["complete"] = True
+        write_manifest(tmp, manifest)
+    print_summary(stats, out)
+    return out
+
+
+def load_prepared(cfg: RunConfig):
+    """The prepared dataset of a run (``datasets.Dataset``), or a clear error if prepare has not run."""
+    from datasets import load_from_disk
+
+    from fusechat.run import read_manifest
+
+    out = RunDir(cfg.run_dir).stage("prepare")
+    manifest = read_manifest(out)
+    if not manifest or not manifest.get("complete"):
+        raise FusechatError(f"{out} has no complete prepared data; run `fusechat prepare` first")
+    return load_from_disk(str(out / "dataset"))
+
+
+def print_summary(stats: PrepareStats, out: Path) -> None:
+    rows = [
+        ("records read", stats.records),
+        ("kept", stats.kept),
+        ("skipped", sum(stats.skipped.values())),
+        *[(f"  skipped: {reason}", n) for reason, n in sorted(stats.skipped.items())],
+        ("split into blocks", stats.split),
+        ("truncated", stats.truncated),
+        *[(f"  dropped: {reason}", n) for reason, n in sorted(stats.dropped_blocks.items())],
+        ("trailing user turns dropped", stats.trailing_user_turns),
+        ("rows written", stats.rows),
+        ("tokens", stats.tokens),
+        ("assistant tokens", stats.assistant_tokens),
+    ]
+    console.print(summary_table(f"prepare → {out}", rows))

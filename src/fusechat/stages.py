@@ -1,0 +1,42 @@
+"""The pipeline: stages in order, each a module with ``run(cfg, force=..., **options)``."""
+
+from __future__ import annotations
+
+import importlib
+
+from fusechat.config import RunConfig
+from fusechat.errors import StageNotAvailable
+from fusechat.progress import console
+from fusechat.run import STAGES, RunDir
+
+# Stage name -> module that implements it; None where this version has no implementation yet.
+IMPLEMENTATIONS: dict[str, str | None] = {
+    "prepare": "fusechat.prepare",
+    "represent": None,
+    "align": None,
+    "fuse": None,
+    "train": None,
+    "merge": None,
+    "eval": None,
+}
+
+
+def available(stage: str) -> bool:
+    return IMPLEMENTATIONS.get(stage) is not None
+
+
+def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> None:
+    module = IMPLEMENTATIONS[stage]
+    if module is None:
+        done = ", ".join(s for s in STAGES if available(s))
+        raise StageNotAvailable(f"the {stage} stage is not built yet in this version of fusechat (available: {done})")
+    RunDir(cfg.run_dir).save_config(cfg.to_yaml())
+    options = {k: v for k, v in options.items() if v is not None}
+    importlib.import_module(module).run(cfg, force=force, **options)
+
+
+def run_all(cfg: RunConfig, force: bool = False) -> None:
+    """Every stage in order; complete stages skip themselves."""
+    for stage in STAGES:
+        console.rule(f"[bold]{stage}")
+        run_stage(stage, cfg, force=force)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny tokenizers trained in the test session, data files, run configs.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before transformers is
+imported, so an accidental download fails loudly.
+"""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import yaml
+
+CORPUS = [
+    "GPT4 Correct User: hello there, how are you?",
+    "GPT4 Correct Assistant: I am fine, thanks! The weather is nice today.",
+    "What is the capital of Zorvia? The capital of Zorvia is Mellport.",
+    "Reverse the word planet. tenalp. Describe Tamaro, a small green heron.",
+    "You are a helpful assistant. Hi! Hello, how can I help you today?",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    """One saved tokenizer folder per family: byte_bpe, sp_bpe, char (all with a ChatML chat template)."""
+    from fusechat.zoo.tokenizers import CHATML_JINJA, KINDS, build_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    dirs = {}
+    for kind in KINDS:
+        dirs[kind] = root / kind
+        build_tokenizer(kind, CORPUS * 3, vocab_size=350, chat_template=CHATML_JINJA, out_dir=dirs[kind])
+    return dirs
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def sharegpt(*turns, **extra):
+    roles = ["human", "gpt"]
+    return {**extra, "conversations": [{"from": roles[i % 2], "value": t} for i, t in enumerate(turns)]}
+
+
+def openai(*turns, **extra):
+    roles = ["user", "assistant"]
+    return {**extra, "messages": [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]}
+
+
+@pytest.fixture
+def make_config(tmp_path, tokenizer_dirs):
+    """Write a run config for the given data files and return its path."""
+
+    def make(data_paths, pivot="byte_bpe", **sections):
+        cfg = {
+            "run_dir": str(tmp_path / "run"),
+            "pivot": {"name": "pivot", "path": str(tokenizer_dirs[pivot])},
+            "sources": [{"name": "src", "path": str(tokenizer_dirs["sp_bpe"])}],
+            "data": {"paths": [str(p) for p in data_paths]},
+        }
+        for key, value in sections.items():
+            cfg.setdefault(key, {}).update(value)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        return path
+
+    return make
