@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         app(args=argv, standalone_mode=False)
+        sys.exit(0)
     except StageNotAvailable as e:
         console.print(f"[yellow]not available:[/yellow] {escape(str(e))}")
         sys.exit(EXIT_NOT_AVAILABLE)

@@ -1,0 +1,37 @@
+"""The docs describe what is really there: every config field, every shipped config valid."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from fusechat.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fields(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        yield prefix, key
+        sub = field.annotation
+        for candidate in (sub, *getattr(sub, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                yield from _fields(candidate, key)
+
+
+def test_every_config_field_is_documented():
+    doc = (ROOT / "docs" / "config.md").read_text()
+    missing = [f"{p}.{k}" if p else k for p, k in _fields(RunConfig) if f"`{k}`" not in doc]
+    assert missing == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] in readme
