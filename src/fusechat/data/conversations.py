@@ -74,6 +74,9 @@ def parse_record(record: Any, fmt: str, where: str, index: int) -> Conversation:
         if not isinstance(record, dict):
             raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
         fmt = detect_format(record) if fmt in ("auto", "hf") else fmt
+        key = {"sharegpt": "conversations", "openai": "messages"}.get(fmt)
+        if key and key not in record:
+            raise BadRecord("unknown_format", f"data.format is {fmt} but the record has no '{key}' list")
         if fmt == "sharegpt":
             messages, shift = _sharegpt_messages(record)
         elif fmt == "openai":

@@ -21,10 +21,13 @@ def iter_records(path: str, split: str = "train") -> Iterator[tuple[str, Any]]:
     if p.is_dir():
         yield from _iter_saved_dataset(p, split)
     elif p.is_file():
-        if p.suffix == ".jsonl" or _first_char(p) != "[":
-            yield from _iter_jsonl(p)
-        else:
+        first = _first_char(p)
+        if p.suffix == ".json" and first == "[":
             yield from _iter_json_array(p)
+        elif p.suffix == ".json" and _is_single_object(p):
+            raise DataError(f"{path}: a .json data file must hold a list of conversations (or one per line)")
+        else:
+            yield from _iter_jsonl(p)
     else:
         yield from _iter_hub_dataset(path, split)
 
@@ -33,6 +36,21 @@ def _first_char(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head[:1].decode("latin-1")
+
+
+def _is_single_object(path: Path) -> bool:
+    """A pretty-printed JSON object (not JSON Lines): its first line alone is not valid JSON."""
+    with open(path, "rb") as f:
+        first_line = f.readline()
+    try:
+        json.loads(first_line)
+        return False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
