@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from conftest import openai, sharegpt, write_jsonl
 from datasets import Dataset, load_from_disk
@@ -35,11 +36,21 @@ def test_mask_overlap_rule_by_hand():
     # that starts one character early (the space before a word) is inside.
     offsets = [(0, 0), (0, 4), (4, 6), (5, 9), (9, 12), (12, 14)]
     spans = [(6, 10), (13, 20)]
-    assert assistant_token_mask(offsets, spans) == [False, False, False, True, True, True]
+    assert assistant_token_mask(offsets, spans).tolist() == [False, False, False, True, True, True]
 
 
 def test_mask_empty_spans():
-    assert assistant_token_mask([(0, 3), (3, 5)], []) == [False, False]
+    assert assistant_token_mask([(0, 3), (3, 5)], []).tolist() == [False, False]
+
+
+def test_mask_matches_a_plain_loop_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cuts = np.sort(rng.choice(60, size=rng.integers(2, 12), replace=False))
+        spans = [(int(a), int(b)) for a, b in zip(cuts[::2], cuts[1::2])]
+        offsets = [tuple(sorted(map(int, rng.integers(0, 62, size=2)))) for _ in range(25)]
+        expected = [e > s and any(a < e and s < b for a, b in spans) for s, e in offsets]
+        assert assistant_token_mask(offsets, spans).tolist() == expected
 
 
 # ------------------------------------------------------------------ exact masks

@@ -150,6 +150,15 @@ def _main(
     pass
 
 
+def _close_distributed() -> None:
+    """Leave the process group cleanly, or `accelerate launch` / torchrun report an abort."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 EXIT_ERROR = 1
 EXIT_NOT_AVAILABLE = 3
 
@@ -183,3 +192,5 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    finally:
+        _close_distributed()

@@ -88,10 +88,17 @@ class PrepareConfig(Section):
 
 
 class RepresentConfig(Section):
-    top_k: int = Field(10, gt=0)
-    batch_size: int = Field(8, gt=0)
+    top_k: int = Field(10, gt=0, description="Logits kept per token.")
+    batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    device: Literal["cpu", "cuda", "auto"] = "auto"
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="auto: one GPU per process, or device_map='auto' across GPUs for one process; else CPU."
+    )
+    padding_side: Literal["right", "left"] = "right"
+    shard_size: int = Field(256, gt=0, description="Sequences per shard file: the unit of resume and of data parallelism.")
+    check_sequences: int = Field(
+        8, ge=0, description="Sequences whose decoding is checked against the prepared text before the run."
+    )
 
 
 class AlignConfig(Section):

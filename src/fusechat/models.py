@@ -35,3 +35,72 @@ def tokenizer_hash(tok) -> str:
     h.update(json.dumps({k: str(v) for k, v in tok.special_tokens_map.items()}, sort_keys=True).encode())
     h.update(str(getattr(tok, "chat_template", None) or "").encode())
     return h.hexdigest()[:16]
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """A local model folder must hold safetensors weights: fusechat never unpickles a checkpoint."""
+    from pathlib import Path
+
+    folder = Path(spec.path)
+    if not folder.is_dir():
+        return  # a hub id: transformers fetches safetensors (use_safetensors=True)
+    if not (folder / "config.json").is_file():
+        raise FusechatError(f"model {spec.name!r}: {folder} has no config.json; it is not a Hugging Face model folder")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise FusechatError(
+            f"model {spec.name!r}: {folder} holds only pickled weights ({', '.join(pickled)}); fusechat loads "
+            "safetensors only. Convert once with transformers: from_pretrained(...).save_pretrained(..., "
+            "safe_serialization=True) in an environment you trust."
+        )
+    raise FusechatError(f"model {spec.name!r}: {folder} holds no weights (no *.safetensors file)")
+
+
+def load_causal_lm(spec: ModelSpec, dtype: str = "fp32", device_map=None):
+    """The model in eval mode, from safetensors, or a clear error naming the model."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()  # fusechat shows its own progress
+
+    problem = model_path_problem(spec.path)
+    if problem:
+        raise FusechatError(f"model {spec.name!r}: {problem}")
+    check_weights(spec)
+    try:
+        config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:
+        raise FusechatError(f"model {spec.name!r}: cannot read the model config at {spec.path}: {e}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            dtype=getattr(torch, TORCH_DTYPES[dtype]),
+            device_map=device_map,
+            use_safetensors=True,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+            raise FusechatError(f"model {spec.name!r}: {spec.path} ({arch}) is not a causal language model") from None
+        raise FusechatError(f"model {spec.name!r}: cannot load {spec.path}: {e}") from None
+    except OSError as e:
+        raise FusechatError(f"model {spec.name!r}: cannot load {spec.path}: {e}") from None
+    model.eval()
+    return model
+
+
+def config_hash(spec: ModelSpec) -> str:
+    """Hash of the model's config.json (local folders); the path and revision for hub ids."""
+    from pathlib import Path
+
+    config = Path(spec.path) / "config.json"
+    data = config.read_bytes() if config.is_file() else f"{spec.path}@{spec.revision}".encode()
+    return hashlib.sha256(data).hexdigest()[:16]

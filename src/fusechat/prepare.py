@@ -135,7 +135,7 @@ class Preparer:
 
     def _finish(self, conv: Conversation, row_id: str, r: Rendered, ids, offsets) -> Iterator[dict]:
         mask = assistant_token_mask(offsets, r.assistant_spans)
-        n_assistant = sum(mask)
+        n_assistant = int(mask.sum())
         if n_assistant == 0:
             self.stats.dropped_blocks["no_assistant_tokens_after_truncation"] += 1
             return

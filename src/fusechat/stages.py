@@ -12,7 +12,7 @@ from fusechat.run import STAGES, RunDir
 # Stage name -> module that implements it; None where this version has no implementation yet.
 IMPLEMENTATIONS: dict[str, str | None] = {
     "prepare": "fusechat.prepare",
-    "represent": None,
+    "represent": "fusechat.represent",
     "align": None,
     "fuse": None,
     "train": None,
