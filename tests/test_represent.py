@@ -316,3 +316,26 @@ def test_two_processes_give_the_single_process_result(tmp_path, zoo):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["sequences_done"] == len(CONVERSATIONS)
     assert manifest["num_processes"] == 2
+
+
+def test_bf16_runs_and_stays_close_to_fp32(tmp_path, zoo):
+    ces = {}
+    for dtype in ("fp32", "bf16"):
+        d = tmp_path / dtype
+        d.mkdir()
+        _, outs = prepared_and_represented(write_config(d, zoo, represent={"dtype": dtype}), model="llama")
+        ces[dtype] = [r.ce for r in read_representation(outs[0])]
+        assert json.loads((outs[0] / "manifest.json").read_text())["dtype"] == dtype
+    np.testing.assert_allclose(ces["bf16"], ces["fp32"], rtol=0.05)
+
+
+def test_run_command_does_the_built_stages_then_stops(tmp_path, zoo, capsys):
+    from fusechat.cli import main
+
+    config = write_config(tmp_path, zoo, sources=("mistral", "gpt2"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(config)])
+    assert exit_info.value.code == 3
+    assert "align stage is not built yet" in " ".join(capsys.readouterr().err.split())
+    for name in ("llama", "mistral", "gpt2"):
+        assert json.loads((tmp_path / "run" / "represent" / name / "manifest.json").read_text())["complete"]

@@ -2,7 +2,8 @@
 
 The demo trains tiny tokenizers of three families on the sample conversations
 (the pivot: byte-level BPE; the sources: SentencePiece-style BPE with byte
-fallback, and character level), writes a run config for them, and runs every
+fallback, and character level), builds a tiny model of a different architecture
+for each (Llama, Mixtral, GPT-2), writes a run config for them, and runs every
 stage this version of fusechat has, skipping complete ones on a rerun.
 """
 
@@ -16,11 +17,12 @@ import yaml
 
 from fusechat.config import load_config
 from fusechat.progress import console
-from fusechat.run import STAGES, read_manifest, RunDir
-from fusechat.stages import available, run_stage
+from fusechat.run import STAGES, read_manifest
+from fusechat.stages import available, run_stage, stage_outputs
 
 SAMPLE_FILES = ("sample_sharegpt.jsonl", "sample_openai.jsonl")
-DEMO_MODELS = {"pivot": "byte_bpe", "sp-source": "sp_bpe", "char-source": "char"}
+# name -> (architecture, tokenizer family): three architectures, three tokenizer families.
+DEMO_MODELS = {"pivot": ("llama", "byte_bpe"), "mixtral-sp": ("mixtral", "sp_bpe"), "gpt2-char": ("gpt2", "char")}
 
 
 def sample_texts(paths: list[Path]) -> list[str]:
@@ -38,6 +40,7 @@ def sample_texts(paths: list[Path]) -> list[str]:
 
 def write_demo_inputs(out: Path) -> Path:
     """Sample data, tokenizers and ``demo.yaml`` under ``out``; returns the config path."""
+    from fusechat.zoo.models import build_model
     from fusechat.zoo.tokenizers import CHATML_JINJA, build_tokenizer
 
     data_dir = out / "data"
@@ -49,16 +52,18 @@ def write_demo_inputs(out: Path) -> Path:
             shutil.copyfile(src, target)
         paths.append(target)
     texts = sample_texts(paths)
-    for name, kind in DEMO_MODELS.items():
+    for seed, (name, (arch, family)) in enumerate(DEMO_MODELS.items()):
         folder = out / "models" / name
-        if not (folder / "tokenizer.json").exists():
-            build_tokenizer(kind, texts, vocab_size=600, chat_template=CHATML_JINJA, out_dir=folder)
+        if not (folder / "model.safetensors").exists():
+            tok = build_tokenizer(family, texts, vocab_size=600, chat_template=CHATML_JINJA)
+            build_model(arch, tok, out_dir=folder, seed=seed, hidden=64, layers=2)
     config = {
         "run_dir": str(out / "run"),
         "pivot": {"name": "pivot", "path": str(out / "models" / "pivot")},
         "sources": [{"name": n, "path": str(out / "models" / n)} for n in DEMO_MODELS if n != "pivot"],
         "data": {"paths": [str(p) for p in paths], "on_bad_record": "error"},
         "prepare": {"template": "openchat", "max_length": 160},
+        "represent": {"dtype": "fp32", "device": "cpu", "batch_size": 8},
     }
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -75,12 +80,11 @@ def run_demo(out: Path, force: bool = False) -> None:
             continue
         console.rule(f"[bold]{stage}")
         run_stage(stage, cfg, force=force)
-    rundir = RunDir(cfg.run_dir)
     console.rule("[bold]demo")
     for stage in STAGES:
-        if available(stage):
-            manifest = read_manifest(rundir.stage(stage)) or {}
-            state = "complete" if manifest.get("complete") else "incomplete"
-            console.print(f"  {stage:<10} {state:<11} {rundir.stage(stage)}")
-        else:
+        if not available(stage):
             console.print(f"  {stage:<10} not built yet in this version")
+            continue
+        for folder in stage_outputs(cfg, stage):
+            state = "complete" if (read_manifest(folder) or {}).get("complete") else "incomplete"
+            console.print(f"  {stage:<10} {state:<11} {folder}")

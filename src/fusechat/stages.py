@@ -21,6 +21,16 @@ IMPLEMENTATIONS: dict[str, str | None] = {
 }
 
 
+def stage_outputs(cfg: RunConfig, stage: str) -> list:
+    """The folders a stage writes for this run (one per model for per-model stages)."""
+    rundir = RunDir(cfg.run_dir)
+    if stage == "represent":
+        return [rundir.stage(stage, m.name) for m in cfg.models]
+    if stage in ("align", "fuse", "train"):
+        return [rundir.stage(stage, s.name) for s in cfg.sources]
+    return [rundir.stage(stage)]
+
+
 def available(stage: str) -> bool:
     return IMPLEMENTATIONS.get(stage) is not None
 

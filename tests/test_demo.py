@@ -1,0 +1,17 @@
+import json
+
+import pytest
+
+from fusechat.cli import main
+
+
+def test_demo_runs_the_built_stages(tmp_path):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out)])
+    assert exit_info.value.code == 0
+    manifest = json.loads((out / "run" / "prepared" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["rows"] > 10
+    assert manifest["counts"]["split"] >= 1  # the long sample conversation is split at max_length 160
+    for model in ("pivot", "mixtral-sp", "gpt2-char"):
+        assert json.loads((out / "run" / "represent" / model / "manifest.json").read_text())["complete"]
