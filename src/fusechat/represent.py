@@ -125,12 +125,31 @@ def encode_rows(tokenizer, rows: dict, first_seq: int, eos_token: str, add_speci
     return out
 
 
+def declared_unicode_forms(tokenizer) -> list[str]:
+    """Unicode normal forms (NFC, NFKC, ...) that the tokenizer's normalizer applies."""
+    import json
+
+    normalizer = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("normalizer"))
+    return [form for form in ("NFKC", "NFKD", "NFC", "NFD") if f'"type": "{form}"' in normalizer]
+
+
 def check_decoding(tokenizer, encoded: list[Encoded], model_name: str) -> None:
-    """The model must see the prepared text: decoding its tokens gives the text back (up to whitespace)."""
+    """The model must see the prepared text: decoding its tokens gives the text back.
+
+    Whitespace is ignored (tokenizers differ in how they write spaces), and so is a
+    Unicode normalisation the tokenizer declares; anything else (unknown tokens,
+    lowercasing, dropped characters) means the model would read another text.
+    """
+    import unicodedata
+
+    forms = declared_unicode_forms(tokenizer)
     for e in encoded:
         real = e.offsets[:, 1] > e.offsets[:, 0]  # leave out tokens the tokenizer added (bos)
         decoded = tokenizer.decode(e.input_ids[real].tolist(), skip_special_tokens=False)
-        a, b = "".join(e.model_text.split()), "".join(decoded.split())
+        text = e.model_text
+        for form in forms:
+            text = unicodedata.normalize(form, text)
+        a, b = "".join(text.split()), "".join(decoded.split())
         if a != b:
             i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
             raise FusechatError(
@@ -276,7 +295,8 @@ def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Pat
         out.mkdir(parents=True, exist_ok=True)
         manifest = new_manifest(
             "represent", fingerprint, model=spec.name, path=spec.path, revision=spec.revision,
-            config_hash=config_hash(spec), tokenizer_hash=tok_hash, top_k=cfg.represent.top_k,
+            config_hash=config_hash(spec), tokenizer_hash=tok_hash, prepared_fingerprint=prepared_manifest["fingerprint"],
+            vocab_size=len(tokenizer), top_k=cfg.represent.top_k,
             dtype=cfg.represent.dtype, num_sequences=n, shard_size=size, num_shards=num_shards,
         )
         write_manifest(out, manifest)

@@ -152,3 +152,65 @@ def read_representation(folder: str | os.PathLike) -> Iterator[SequenceRep]:
     """Every sequence of a representation folder, in prepared-dataset order."""
     for _, path in sorted(shard_files(Path(folder)).items()):
         yield from read_shard(path)
+
+
+# ---------------------------------------------------------------- distributions on pivot positions
+
+
+@dataclass
+class DistRow:
+    """Sparse distributions at every pivot position of one sequence (align and fuse output).
+
+    ``ids``/``probs``: (T, k) pivot ids and probabilities; ``status``: (T,) int8,
+    whose meaning the writing stage defines; ``extra``: per-sequence scalars.
+    """
+
+    seq: int
+    id: str
+    ids: np.ndarray
+    probs: np.ndarray
+    status: np.ndarray
+    extra: dict
+
+
+def write_dist_shard(path: Path, rows: list[DistRow], meta: dict, id_type=np.int32) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lengths = [len(r.status) for r in rows]
+    k = rows[0].ids.shape[1] if rows else 1
+    columns = {
+        "seq": pa.array([r.seq for r in rows], pa.int64()),
+        "id": pa.array([r.id for r in rows], pa.string()),
+        "ids": _list_of(np.concatenate([r.ids for r in rows]).astype(id_type), lengths, k),
+        "probs": _list_of(np.concatenate([r.probs for r in rows]).astype(np.float16), lengths, k),
+        "status": _list_of(np.concatenate([r.status for r in rows]).astype(np.int8), lengths),
+    }
+    for name in rows[0].extra if rows else ():
+        columns[name] = pa.array([r.extra[name] for r in rows])
+    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def read_dist_shard(path: Path) -> Iterator[DistRow]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    k = table.schema.field("ids").type.value_type.list_size
+    ids, off = _nested(table.column("ids"), k)
+    probs, _ = _nested(table.column("probs"), k)
+    status, _ = _nested(table.column("status"))
+    extra_names = [n for n in table.column_names if n not in ("seq", "id", "ids", "probs", "status")]
+    scalars = {n: table.column(n).to_pylist() for n in ("seq", "id", *extra_names)}
+    for i in range(table.num_rows):
+        a, b = off[i], off[i + 1]
+        yield DistRow(seq=scalars["seq"][i], id=scalars["id"][i], ids=ids[a:b], probs=probs[a:b],
+                      status=status[a:b], extra={n: scalars[n][i] for n in extra_names})
+
+
+def read_dists(folder: str | os.PathLike) -> Iterator[DistRow]:
+    for _, path in sorted(shard_files(Path(folder)).items()):
+        yield from read_dist_shard(path)

@@ -13,8 +13,8 @@ from fusechat.run import STAGES, RunDir
 IMPLEMENTATIONS: dict[str, str | None] = {
     "prepare": "fusechat.prepare",
     "represent": "fusechat.represent",
-    "align": None,
-    "fuse": None,
+    "align": "fusechat.align",
+    "fuse": "fusechat.fuse",
     "train": None,
     "merge": None,
     "eval": None,

@@ -1,0 +1,168 @@
+"""Stage 3, align: each source's distributions moved onto the pivot's positions and vocabulary.
+
+Per source: pass 1 aligns every sequence with the pivot's and counts which pivot
+token starts where each source token starts (the statistics for the vocabulary
+map); the map is built and saved; pass 2 projects the source's top-k
+distributions onto the pivot. Output ``<run_dir>/align/<source>/``: ``vocab_map.npz``,
+``shard-*.parquet`` (``DistRow``: ids, probs and status per pivot position, with
+the source's CE, token and byte counts), ``manifest.json`` with the coverage and
+the count of every alignment case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from fusechat.align.project import STATUS_NAMES, project
+from fusechat.align.sequence import align_dtw, align_offsets, group_kinds
+from fusechat.align.vocab import VocabMap, build_vocab_map, comparable, token_texts
+from fusechat.config import ModelSpec, RunConfig
+from fusechat.errors import FusechatError
+from fusechat.models import load_tokenizer
+from fusechat.progress import console, progress_bar, summary_table
+from fusechat.representation import DistRow, id_dtype, read_representation, shard_name, write_dist_shard
+from fusechat.run import RunDir, atomic_dir, is_complete, new_manifest, read_manifest, write_manifest
+
+
+def complete_representation(cfg: RunConfig, spec: ModelSpec) -> tuple[Path, dict]:
+    folder = RunDir(cfg.run_dir).stage("represent", spec.name)
+    manifest = read_manifest(folder)
+    if not manifest or not manifest.get("complete"):
+        raise FusechatError(f"{folder} has no complete representation; run `fusechat represent CONFIG --model {spec.name}`")
+    return folder, manifest
+
+
+def run(cfg: RunConfig, force: bool = False) -> list[Path]:
+    return [align_source(cfg, spec, force) for spec in cfg.sources]
+
+
+class Aligner:
+    """Sequence alignment of one (pivot, source) pair with the configured method."""
+
+    def __init__(self, method: str, pivot_tok=None, source_tok=None):
+        self.method = method
+        if method == "dtw":
+            self.pivot_strings = [comparable(b) for b in token_texts(pivot_tok)]
+            self.source_strings = [comparable(b) for b in token_texts(source_tok)]
+
+    def groups(self, pivot_rep, source_rep) -> np.ndarray:
+        if self.method == "offsets":
+            return align_offsets(pivot_rep.offsets, source_rep.offsets)
+        return align_dtw([self._s(self.pivot_strings, i) for i in pivot_rep.input_ids],
+                         [self._s(self.source_strings, i) for i in source_rep.input_ids])
+
+    @staticmethod
+    def _s(strings: list[str], i) -> str:
+        return strings[i] if i < len(strings) else ""
+
+
+def paired(pivot_dir: Path, source_dir: Path, source_name: str):
+    """Both representations, sequence by sequence, checked to be of the same prepared rows."""
+    pivot_iter, source_iter = read_representation(pivot_dir), read_representation(source_dir)
+    for p in pivot_iter:
+        s = next(source_iter, None)
+        if s is None or s.seq != p.seq or s.id != p.id:
+            raise FusechatError(f"the representations of the pivot and {source_name!r} do not cover the same "
+                                f"sequences (at pivot sequence {p.id!r}); rerun represent for both")
+        yield p, s
+
+
+def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
+    rundir = RunDir(cfg.run_dir)
+    out = rundir.stage("align", spec.name)
+    pivot_dir, pm = complete_representation(cfg, cfg.pivot)
+    source_dir, sm = complete_representation(cfg, spec)
+    if pm.get("prepared_fingerprint") != sm.get("prepared_fingerprint"):
+        raise FusechatError(
+            f"the representations of the pivot and {spec.name!r} were made from different prepared data "
+            f"(the text or template changed between them); rerun `fusechat represent CONFIG --model {spec.name}`"
+        )
+    payload = {"pivot": pm["fingerprint"], "source": sm["fingerprint"], "align": cfg.section_hash("align")}
+    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    if is_complete(out, fingerprint, force):
+        console.print(f"align {spec.name}: {out} is complete, skipping")
+        return out
+
+    started = time.time()
+    pivot_tok, source_tok = load_tokenizer(cfg.pivot), load_tokenizer(spec)
+    aligner = Aligner(cfg.align.method, pivot_tok, source_tok)
+    total = pm["num_sequences"]
+
+    # Pass 1: alignment statistics. Keys source_id * V_pivot + pivot_id, counted sparsely.
+    pair_keys: list[np.ndarray] = []
+    kinds: Counter = Counter()
+    v_pivot = np.int64(max(len(pivot_tok), pm.get("vocab_size", 0)) + 1)
+    with progress_bar() as bar:
+        task = bar.add_task(f"align {spec.name}: statistics", total=total)
+        for p, s in paired(pivot_dir, source_dir, spec.name):
+            groups = aligner.groups(p, s)
+            kinds.update(group_kinds(groups))
+            both = (groups[:, 1] > groups[:, 0]) & (groups[:, 3] > groups[:, 2])
+            first_p, first_s = groups[both, 0], groups[both, 2]
+            pair_keys.append(s.input_ids[first_s].astype(np.int64) * v_pivot + p.input_ids[first_p].astype(np.int64))
+            bar.advance(task)
+    keys, counts = np.unique(np.concatenate(pair_keys) if pair_keys else np.zeros(0, np.int64), return_counts=True)
+    pair_counts = {(int(k // v_pivot), int(k % v_pivot)): int(c) for k, c in zip(keys, counts)}
+    vocab_map = build_vocab_map(source_tok, pivot_tok, pair_counts)
+
+    # Pass 2: projection.
+    cases: Counter = Counter()
+    unmapped_positions = 0
+    shard_size = cfg.represent.shard_size
+    pid_type = id_dtype(len(pivot_tok))
+    with atomic_dir(out) as tmp, progress_bar() as bar:
+        vocab_map.save(tmp / "vocab_map.npz")
+        task = bar.add_task(f"align {spec.name}: projection", total=total)
+        rows: list[DistRow] = []
+        shard = 0
+        for p, s in paired(pivot_dir, source_dir, spec.name):
+            groups = aligner.groups(p, s)
+            proj = project(p.input_ids.astype(np.int64), p.assistant_mask, groups, s.topk_ids, s.topk_logits,
+                           vocab_map.pivot_id, cfg.align.unaligned)
+            seq_cases = Counter(STATUS_NAMES[int(x)] for x in proj.status)
+            cases.update(seq_cases)
+            unmapped_positions += proj.unmapped_positions
+            rows.append(DistRow(
+                seq=p.seq, id=p.id, ids=proj.ids, probs=proj.probs, status=proj.status,
+                extra={"source_ce": s.ce, "source_tokens": s.assistant_tokens, "source_bytes": s.assistant_bytes,
+                       "source_finite": s.finite, "aligned": seq_cases["aligned"], "one_hot": seq_cases["one_hot"],
+                       "dropped": seq_cases["dropped"]},
+            ))
+            if len(rows) == shard_size:
+                write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
+                rows, shard = [], shard + 1
+            bar.advance(task)
+        if rows:
+            write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
+        targets = cases["aligned"] + cases["one_hot"] + cases["dropped"]
+        coverage = vocab_map.coverage()
+        manifest = new_manifest(
+            "align", fingerprint, source=spec.name, pivot=cfg.pivot.name, method=cfg.align.method,
+            unaligned=cfg.align.unaligned, sequences=total, groups=dict(kinds),
+            positions={k: cases[k] for k in ("aligned", "one_hot", "dropped", "no_target")},
+            aligned_share=round(cases["aligned"] / targets, 4) if targets else None,
+            aligned_positions_without_mapped_ids=unmapped_positions,
+            vocab_coverage=coverage, source_vocab_size=int(len(vocab_map.pivot_id)),
+            elapsed_s=round(time.time() - started, 3),
+        )
+        manifest["complete"] = True
+        write_manifest(tmp, manifest)
+    console.print(summary_table(f"align {spec.name} → {out}", [
+        ("sequences", total),
+        *[(f"groups {k.replace('_', '-')}", v) for k, v in kinds.items()],
+        ("assistant positions with a source distribution", cases["aligned"]),
+        ("one-hot fallback", cases["one_hot"]),
+        ("dropped", cases["dropped"]),
+        *[(f"vocab map: {k}", v) for k, v in coverage.items()],
+    ]))
+    return out
+
+
+def load_vocab_map(cfg: RunConfig, source: str) -> VocabMap:
+    return VocabMap.load(RunDir(cfg.run_dir).stage("align", source, "vocab_map.npz"))
