@@ -71,3 +71,56 @@ def make_config(tmp_path, tokenizer_dirs):
         return path
 
     return make
+
+
+# ------------------------------------------------------------------ a zoo of tiny models
+
+CONVERSATIONS = [
+    sharegpt("hello there, how are you?", "I am fine, thanks!", "The weather is nice today.", "Hello, how can I help?",
+             id="a"),
+    sharegpt("What is the capital of Zorvia?", "The capital of Zorvia is Mellport.", id="b"),
+    sharegpt("Reverse the word planet.", "tenalp", id="c"),
+    sharegpt("Describe Tamaro.", "Tamaro is a small green heron.", id="d"),
+    sharegpt("Hi!", "Hello, how can I help you today?", id="e"),
+]
+
+# name -> (architecture, tokenizer family, tokenizer kwargs, model kwargs)
+MODELS = {
+    "llama": ("llama", "byte_bpe", {}, {}),
+    "mistral": ("mistral", "sp_bpe", {"eos": "<|endoftext|>", "bos": None, "pad": "<pad>"}, {}),
+    "mixtral": ("mixtral", "sp_bpe", {}, {}),
+    "qwen2": ("qwen2", "byte_bpe", {"eos": "<|im_end|>", "bos": None}, {"vocab_padding": 37}),
+    "gpt2": ("gpt2", "char", {"eos": "<|endoftext|>", "bos": None}, {"tie": True}),
+}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    from fusechat.zoo.models import build_model
+    from fusechat.zoo.tokenizers import build_tokenizer
+
+    texts = CORPUS * 3 + [t["value"] for c in CONVERSATIONS for t in c["conversations"]]
+    dirs = {}
+    for name, (arch, family, tok_kwargs, model_kwargs) in MODELS.items():
+        tok = build_tokenizer(family, texts, vocab_size=400, **tok_kwargs)
+        dirs[name] = root / name
+        build_model(arch, tok, out_dir=dirs[name], seed=len(dirs), **model_kwargs)
+    return dirs
+
+
+def write_config(tmp_path, zoo, pivot="llama", sources=("mistral",), **sections):
+    data = write_jsonl(tmp_path / "data.jsonl", CONVERSATIONS)
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "pivot": {"name": pivot, "path": str(zoo[pivot])},
+        "sources": [{"name": s, "path": str(zoo[s])} for s in sources],
+        "data": {"paths": [str(data)]},
+        "represent": {"dtype": "fp32", "batch_size": 2, "shard_size": 2, **sections.pop("represent", {})},
+        **sections,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+

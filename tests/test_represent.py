@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from conftest import CORPUS, sharegpt, write_jsonl
+from conftest import CONVERSATIONS, MODELS, write_config, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusechat import prepare, represent
@@ -18,52 +17,6 @@ from fusechat.represent import model_view, to_prepared_offsets, topk_and_ce
 from fusechat.representation import read_representation
 from fusechat.zoo.models import build_model
 from fusechat.zoo.tokenizers import build_tokenizer
-
-CONVERSATIONS = [
-    sharegpt("hello there, how are you?", "I am fine, thanks!", "The weather is nice today.", "Hello, how can I help?",
-             id="a"),
-    sharegpt("What is the capital of Zorvia?", "The capital of Zorvia is Mellport.", id="b"),
-    sharegpt("Reverse the word planet.", "tenalp", id="c"),
-    sharegpt("Describe Tamaro.", "Tamaro is a small green heron.", id="d"),
-    sharegpt("Hi!", "Hello, how can I help you today?", id="e"),
-]
-
-# name -> (architecture, tokenizer family, tokenizer kwargs, model kwargs)
-MODELS = {
-    "llama": ("llama", "byte_bpe", {}, {}),
-    "mistral": ("mistral", "sp_bpe", {"eos": "<|endoftext|>", "bos": None, "pad": "<pad>"}, {}),
-    "mixtral": ("mixtral", "sp_bpe", {}, {}),
-    "qwen2": ("qwen2", "byte_bpe", {"eos": "<|im_end|>", "bos": None}, {"vocab_padding": 37}),
-    "gpt2": ("gpt2", "char", {"eos": "<|endoftext|>", "bos": None}, {"tie": True}),
-}
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    texts = CORPUS * 3 + [t["value"] for c in CONVERSATIONS for t in c["conversations"]]
-    dirs = {}
-    for name, (arch, family, tok_kwargs, model_kwargs) in MODELS.items():
-        tok = build_tokenizer(family, texts, vocab_size=400, **tok_kwargs)
-        dirs[name] = root / name
-        build_model(arch, tok, out_dir=dirs[name], seed=len(dirs), **model_kwargs)
-    return dirs
-
-
-def write_config(tmp_path, zoo, pivot="llama", sources=("mistral",), **sections):
-    data = write_jsonl(tmp_path / "data.jsonl", CONVERSATIONS)
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "pivot": {"name": pivot, "path": str(zoo[pivot])},
-        "sources": [{"name": s, "path": str(zoo[s])} for s in sources],
-        "data": {"paths": [str(data)]},
-        "represent": {"dtype": "fp32", "batch_size": 2, "shard_size": 2, **sections.pop("represent", {})},
-        **sections,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 def prepared_and_represented(config_path, **kwargs):
     cfg = load_config(config_path)
@@ -336,6 +289,9 @@ def test_run_command_does_the_built_stages_then_stops(tmp_path, zoo, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(config)])
     assert exit_info.value.code == 3
-    assert "align stage is not built yet" in " ".join(capsys.readouterr().err.split())
+    assert "train stage is not built yet" in " ".join(capsys.readouterr().err.split())
     for name in ("llama", "mistral", "gpt2"):
         assert json.loads((tmp_path / "run" / "represent" / name / "manifest.json").read_text())["complete"]
+    for stage in ("align", "fuse"):
+        for name in ("mistral", "gpt2"):
+            assert json.loads((tmp_path / "run" / stage / name / "manifest.json").read_text())["complete"]

@@ -50,7 +50,7 @@ BYTE_DECODER = _gpt2_byte_decoder()
 def tokenizer_scheme(tokenizer) -> str:
     """How the tokenizer writes text in its vocabulary: ``byte_level``, ``metaspace``, ``wordpiece`` or ``plain``."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    text = json.dumps({k: spec.get(k) for k in ("pre_tokenizer", "decoder")})
+    text = json.dumps({k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")}, ensure_ascii=False)
     if '"ByteLevel"' in text:
         return "byte_level"
     if '"WordPiece"' in text or spec.get("model", {}).get("type") == "WordPiece":
