@@ -70,21 +70,32 @@ def token_distance_matrix(pivot_tokens: list[str], source_tokens: list[str]) -> 
 def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     """Accumulated DTW cost, D[i, j] = cost[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]).
 
-    Cells of one anti-diagonal (i + j = d) depend only on the two before it, so
-    each diagonal is one vectorised step: n + m - 1 numpy steps instead of n·m
-    Python ones.
+    Cells of one anti-diagonal (i + j = d) depend only on the two diagonals before
+    it, so each diagonal is one vectorised step: n + m - 1 numpy steps instead of
+    n·m Python ones. With one padding column, the cells of a diagonal are evenly
+    strided in the flat arrays, so every step works on slices, never on index arrays.
     """
     n, m = cost.shape
     big = np.iinfo(np.int64).max // 4
-    D = np.full((n + 1, m + 1), big, dtype=np.int64)  # row/column 0 are the "before start" border
-    D[0, 0] = 0
-    c = cost.astype(np.int64)
+    width = m + 1  # (i, j) sits at i * width + j; a diagonal's cells are `width - 1` apart
+    c = np.zeros((n, width), dtype=np.int64)
+    c[:, :m] = cost
+    c = c.ravel()
+    D = np.zeros(n * width, dtype=np.int64)
+    # Diagonals d-1 and d-2 by row, shifted by one: index 0 is the border row i = -1.
+    prev1 = np.full(n + 2, big, dtype=np.int64)
+    prev2 = np.full(n + 2, big, dtype=np.int64)
     for d in range(n + m - 1):
-        i = np.arange(max(0, d - m + 1), min(d, n - 1) + 1)
-        j = d - i
-        best = np.minimum(np.minimum(D[i, j], D[i, j + 1]), D[i + 1, j])
-        D[i + 1, j + 1] = c[i, j] + best
-    return D[1:, 1:]
+        lo, hi = max(0, d - m + 1), min(d, n - 1)
+        best = np.minimum(np.minimum(prev2[lo : hi + 1], prev1[lo : hi + 1]), prev1[lo + 1 : hi + 2])
+        if d == 0:
+            best[0] = 0
+        values = c[d + lo * m : d + hi * m + 1 : m] + best
+        D[d + lo * m : d + hi * m + 1 : m] = values
+        cur = np.full(n + 2, big, dtype=np.int64)
+        cur[lo + 1 : hi + 2] = values
+        prev2, prev1 = prev1, cur
+    return D.reshape(n, width)[:, :m]
 
 
 def dtw_reference(cost: np.ndarray) -> np.ndarray:
@@ -104,6 +115,23 @@ def dtw_reference(cost: np.ndarray) -> np.ndarray:
                 )
             D[i][j] = int(cost[i][j]) + best
     return np.array(D, dtype=np.int64).reshape(n, m)
+
+
+def levenshtein_reference(a: str, b: str) -> int:
+    """Plain-Python edit distance, for tests and the benchmark."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        cur = [i]
+        for j, cb in enumerate(b, start=1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def align_dtw_reference(pivot_tokens: list[str], source_tokens: list[str]) -> Groups:
+    """``align_dtw`` the plain way: Python edit distances and the O(n·m) double loop."""
+    cost = np.array([[levenshtein_reference(a, b) for b in source_tokens] for a in pivot_tokens], dtype=np.int64)
+    return path_to_groups(dtw_path(dtw_reference(cost)))
 
 
 def dtw_path(D: np.ndarray) -> list[tuple[int, int]]:
