@@ -461,9 +461,9 @@ def test_cli_missing_config_file_exits_1(tmp_path, capsys):
 
 
 def test_cli_stage_not_built_exits_3(tmp_path, config_lines, capsys):
-    assert cli("align", write(tmp_path, config_lines)) == 3
+    assert cli("merge", write(tmp_path, config_lines)) == 3
     captured = capsys.readouterr()
     err = flat(captured.err)
-    assert "align" in err
+    assert "merge" in err
     assert "not built yet" in err
     assert "Traceback" not in captured.err + captured.out
