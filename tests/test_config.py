@@ -460,7 +460,10 @@ def test_cli_missing_config_file_exits_1(tmp_path, capsys):
     assert "config file not found" in flat(capsys.readouterr().err)
 
 
-def test_cli_stage_not_built_exits_3(tmp_path, config_lines, capsys):
+def test_cli_stage_not_built_exits_3(tmp_path, config_lines, capsys, monkeypatch):
+    from fusechat import stages
+
+    monkeypatch.setitem(stages.IMPLEMENTATIONS, "merge", None)
     assert cli("merge", write(tmp_path, config_lines)) == 3
     captured = capsys.readouterr()
     err = flat(captured.err)
