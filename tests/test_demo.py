@@ -15,3 +15,6 @@ def test_demo_runs_the_built_stages(tmp_path):
     assert manifest["counts"]["split"] >= 1  # the long sample conversation is split at max_length 160
     for model in ("pivot", "mixtral-sp", "gpt2-char"):
         assert json.loads((out / "run" / "represent" / model / "manifest.json").read_text())["complete"]
+    for stage in ("align", "fuse", "targets"):
+        for source in ("mixtral-sp", "gpt2-char"):
+            assert json.loads((out / "run" / stage / source / "manifest.json").read_text())["complete"]

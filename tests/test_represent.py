@@ -282,9 +282,11 @@ def test_bf16_runs_and_stays_close_to_fp32(tmp_path, zoo):
     np.testing.assert_allclose(ces["bf16"], ces["fp32"], rtol=0.05)
 
 
-def test_run_command_does_the_built_stages_then_stops(tmp_path, zoo, capsys):
+def test_run_command_does_the_built_stages_then_stops(tmp_path, zoo, capsys, monkeypatch):
+    from fusechat import stages
     from fusechat.cli import main
 
+    monkeypatch.setitem(stages.IMPLEMENTATIONS, "train", None)
     config = write_config(tmp_path, zoo, sources=("mistral", "gpt2"))
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(config)])

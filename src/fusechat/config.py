@@ -113,11 +113,23 @@ class FuseConfig(Section):
     ce_unit: Literal["token", "byte"] = "token"
 
 
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="peft target modules.")
+
+
 class TrainConfig(Section):
     lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the gold-token loss.")
+    lambda_end: float | None = Field(
+        None, ge=0.0, le=1.0, description="If set, lambda moves linearly from `lambda` to this value over training."
+    )
     fusion_loss: Literal["ce", "kl"] = "ce"
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="Teacher temperature applied to the fused distribution.")
     epochs: float = Field(3.0, gt=0.0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
     learning_rate: float = Field(5e-6, gt=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -127,6 +139,13 @@ class TrainConfig(Section):
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 42
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the sequences held out for evaluation.")
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, gt=0, description="Checkpoint every this many steps (the unit of resume).")
+    save_total_limit: int = Field(2, gt=0)
+    keep_checkpoints: bool = Field(False, description="Keep the checkpoints once the target is saved.")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Trainer loggers.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class MergeConfig(Section):

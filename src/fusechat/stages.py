@@ -15,7 +15,7 @@ IMPLEMENTATIONS: dict[str, str | None] = {
     "represent": "fusechat.represent",
     "align": "fusechat.align",
     "fuse": "fusechat.fuse",
-    "train": None,
+    "train": "fusechat.train",
     "merge": None,
     "eval": None,
 }
@@ -26,7 +26,13 @@ def stage_outputs(cfg: RunConfig, stage: str) -> list:
     rundir = RunDir(cfg.run_dir)
     if stage == "represent":
         return [rundir.stage(stage, m.name) for m in cfg.models]
-    if stage in ("align", "fuse", "train"):
+    if stage == "train":
+        from fusechat.train.stage import targets
+
+        return [rundir.stage(stage, name) for name in targets(cfg)]
+    if stage == "fuse" and cfg.fuse.method == "multi":
+        return [rundir.stage(stage, "multi")]
+    if stage in ("align", "fuse"):
         return [rundir.stage(stage, s.name) for s in cfg.sources]
     return [rundir.stage(stage)]
 

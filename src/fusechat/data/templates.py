@@ -41,6 +41,7 @@ class BuiltinTemplate:
     assistant_end: str
     assistant_after: str
     generation_prompt: str
+    jinja: str = ""  # the same template for a tokenizer's chat_template (saved with trained models)
     add_special_tokens: bool = True  # let the tokenizer add its bos: the template writes none
 
     def render(self, messages: list[Message], eos_token: str, add_generation_prompt: bool = False) -> Rendered:
@@ -99,6 +100,13 @@ BUILTIN_TEMPLATES = {
         assistant_end="{eos}",
         assistant_after="",
         generation_prompt="GPT4 Correct Assistant:",
+        jinja=(
+            "{% for m in messages %}"
+            "{% if m['role'] == 'system' %}{{ m['content'] + eos_token }}"
+            "{% elif m['role'] == 'user' %}{{ 'GPT4 Correct User: ' + m['content'] + eos_token }}"
+            "{% else %}{{ 'GPT4 Correct Assistant: ' + m['content'] + eos_token }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
+        ),
     ),
     "chatml": BuiltinTemplate(
         name="chatml",
@@ -108,6 +116,10 @@ BUILTIN_TEMPLATES = {
         assistant_end="<|im_end|>",
         assistant_after="\n",
         generation_prompt="<|im_start|>assistant\n",
+        jinja=(
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        ),
     ),
 }
 

@@ -1,0 +1,245 @@
+"""Stage 5, train: one target per source, initialised from the pivot, on that pair's fused targets.
+
+Targets: one per source with a pairwise fusion method; one named ``multi`` with
+``fuse.method: multi`` (the paper's Multi baseline); one named ``sft`` when
+λ = 1 (plain fine-tuning on the same data, the paper's CLM row). Each target is
+trained with ``FusionTrainer`` (the Hugging Face Trainer) under
+``<run_dir>/targets/.<name>.work/`` (checkpoints, TensorBoard logs), then saved
+in Hugging Face format to ``<run_dir>/targets/<name>/`` with the tokenizer, the
+run's chat template and a model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from fusechat.config import RunConfig
+from fusechat.errors import FusechatError
+from fusechat.progress import console
+from fusechat.run import RunDir, atomic_write_text, is_complete, new_manifest, read_manifest, write_manifest
+
+SFT, MULTI = "sft", "multi"
+
+
+def targets(cfg: RunConfig) -> list[str]:
+    """Names of the targets this config trains."""
+    if cfg.train.lambda_ == 1.0 and cfg.train.lambda_end in (None, 1.0):
+        return [SFT]
+    if cfg.fuse.method == MULTI:
+        return [MULTI]
+    return [s.name for s in cfg.sources]
+
+
+def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[Path]:
+    names = targets(cfg)
+    if source is not None:
+        if source not in names:
+            raise FusechatError(f"no target {source!r} in this run (targets: {', '.join(names)})")
+        names = [source]
+    return [train_target(cfg, name, force) for name in names]
+
+
+def _fused_inputs(cfg: RunConfig, name: str, pivot_tok_hash: str) -> tuple[Path | None, dict | None]:
+    if name == SFT:
+        return None, None
+    folder = RunDir(cfg.run_dir).stage("fuse", name)
+    manifest = read_manifest(folder)
+    if not manifest or not manifest.get("complete"):
+        raise FusechatError(f"{folder} has no complete fused targets; run `fusechat fuse CONFIG` first")
+    if manifest.get("pivot_tokenizer_hash") != pivot_tok_hash:
+        raise FusechatError(
+            f"the fused targets in {folder} were made for another pivot (tokenizer hash "
+            f"{manifest.get('pivot_tokenizer_hash')} != {pivot_tok_hash}); rerun represent, align and fuse"
+        )
+    return folder, manifest
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n_eval == 0:
+        n_eval = 1
+    return sorted(order[n_eval:].tolist()), sorted(order[:n_eval].tolist())
+
+
+def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
+    from transformers import TrainingArguments
+
+    from fusechat.distributed import process_state
+    from fusechat.models import load_causal_lm, load_tokenizer, tokenizer_hash
+    from fusechat.prepare import load_prepared
+    from fusechat.train.data import FusionCollator, FusionDataset, load_fused
+    from fusechat.train.trainer import FusionTrainer
+
+    t = cfg.train
+    state = process_state("auto")
+    rundir = RunDir(cfg.run_dir)
+    out = rundir.stage("train", name)
+    work = out.with_name(f".{name}.work")
+    tokenizer = load_tokenizer(cfg.pivot)
+    tok_hash = tokenizer_hash(tokenizer)
+    fused_dir, fused_manifest = _fused_inputs(cfg, name, tok_hash)
+    prepared_manifest = read_manifest(rundir.stage("prepare")) or {}
+    payload = {"prepared": prepared_manifest.get("fingerprint"), "fused": (fused_manifest or {}).get("fingerprint"),
+               "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
+    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    if is_complete(out, fingerprint, force):
+        console.print(f"train {name}: {out} is complete, skipping")
+        return out
+    if force and state.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+
+    prepared = load_prepared(cfg)
+    train_idx, eval_idx = split_indices(len(prepared), t.eval_fraction, t.seed)
+    if not train_idx:
+        raise FusechatError(f"train {name}: no training sequence left (prepared: {len(prepared)}, "
+                            f"held out for evaluation: {len(eval_idx)})")
+    per_step = t.per_device_batch_size * state.num_processes
+    if t.global_batch_size % per_step:
+        raise FusechatError(
+            f"train.global_batch_size {t.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{t.per_device_batch_size} × {state.num_processes} process(es)"
+        )
+    fused = load_fused(fused_dir, work / "cache") if fused_dir else None
+    if fused is not None and len(fused) != len(prepared):
+        raise FusechatError(f"{fused_dir} holds {len(fused)} sequences, the prepared data {len(prepared)}")
+
+    model = load_causal_lm(cfg.pivot, "fp32", None if state.device.type == "cpu" else str(state.device))
+    if t.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.global_batch_size // per_step,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a share of the steps
+        weight_decay=t.weight_decay,
+        bf16=t.bf16,
+        **_checkpointing_arg(t.gradient_checkpointing),
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_idx else "no",
+        eval_steps=t.logging_steps if eval_idx else None,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        remove_unused_columns=False,
+        use_cpu=state.device.type == "cpu",
+        ddp_backend="gloo" if state.device.type == "cpu" and state.num_processes > 1 else None,
+        disable_tqdm=not state.is_main_process,
+        dataloader_num_workers=0,
+    )
+    trainer = FusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=FusionDataset(prepared, train_idx, fused),
+        eval_dataset=FusionDataset(prepared, eval_idx, fused) if eval_idx else None,
+        data_collator=FusionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        lam=1.0 if name == SFT else t.lambda_,
+        lam_end=None if name == SFT else t.lambda_end,
+        fusion_kind=t.fusion_loss,
+        temperature=t.temperature,
+    )
+    trainer.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
+    last = _last_checkpoint(work / "checkpoints")
+    if last and state.is_main_process:
+        console.print(f"train {name}: resuming from {last}")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    final = trainer.model
+    if t.lora.enabled:
+        final = final.merge_and_unload()  # the merge stage needs full weights
+    if state.is_main_process:
+        _save_target(cfg, name, final, tokenizer, out, fingerprint, {
+            "train_loss": round(result.training_loss, 6), "steps": trainer.state.global_step,
+            "num_processes": state.num_processes,
+            "train_sequences": len(train_idx), "eval_sequences": len(eval_idx),
+            "elapsed_s": round(time.time() - started, 3), "log_history": trainer.state.log_history,
+            "fused": str(fused_dir) if fused_dir else None,
+        })
+        if not t.keep_checkpoints:
+            shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+    return out
+
+
+def _checkpointing_arg(enabled: bool) -> dict:
+    """Activation checkpointing under its current TrainingArguments name."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": enabled}
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(get_last_checkpoint(str(folder))) if folder.is_dir() and get_last_checkpoint(str(folder)) else None
+
+
+def _save_target(cfg: RunConfig, name: str, model, tokenizer, out: Path, fingerprint: str, stats: dict) -> None:
+    from fusechat.data.templates import BUILTIN_TEMPLATES
+    from fusechat.run import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if cfg.prepare.template in BUILTIN_TEMPLATES:
+            tokenizer.chat_template = BUILTIN_TEMPLATES[cfg.prepare.template].jinja
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_text(tmp / "README.md", model_card(cfg, name, stats))
+        manifest = new_manifest("train", fingerprint, target=name, pivot=cfg.pivot.path,
+                                source=None if name in (SFT, MULTI) else cfg.model(name).path,
+                                settings=cfg.train.model_dump(mode="json", by_alias=True), **stats)
+        manifest["complete"] = True
+        write_manifest(tmp, manifest)
+    console.print(f"train {name}: target saved to {out} ({stats['steps']} steps, loss {stats['train_loss']:.4f})")
+
+
+def model_card(cfg: RunConfig, name: str, stats: dict) -> str:
+    t = cfg.train
+    if name == SFT:
+        what = "plain fine-tuning of the pivot (λ = 1), the SFT baseline"
+    elif name == MULTI:
+        what = f"fusion of all sources at once (Multi baseline): {', '.join(s.path for s in cfg.sources)}"
+    else:
+        what = f"pairwise fusion of source `{cfg.model(name).path}` into the pivot"
+    lam = f"{t.lambda_}" + (f" → {t.lambda_end}" if t.lambda_end is not None else "")
+    return f"""---
+library_name: transformers
+tags: [fusechat, knowledge-fusion]
+base_model: {cfg.pivot.path}
+---
+# {name}: a FuseChat target
+
+Trained by fusechat: {what}.
+
+| setting | value |
+|---|---|
+| pivot | `{cfg.pivot.path}` |
+| fusion | {cfg.fuse.method} (CE per {cfg.fuse.ce_unit}), top-{cfg.represent.top_k}, alignment `{cfg.align.method}` |
+| loss | λ·CE(gold) + (1 − λ)·{t.fusion_loss.upper()}(fused), λ = {lam}, teacher temperature {t.temperature} |
+| optimisation | lr {t.learning_rate}, {t.lr_scheduler}, warmup {t.warmup_ratio}, weight decay {t.weight_decay}, global batch {t.global_batch_size} |
+| steps | {stats['steps']} ({stats['train_sequences']} training sequences) |
+| LoRA | {'r = %d, merged into the weights' % t.lora.r if t.lora.enabled else 'no'} |
+| final training loss | {stats['train_loss']:.4f} |
+
+Chat template: `{cfg.prepare.template}`.
+"""
