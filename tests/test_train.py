@@ -222,3 +222,18 @@ def test_two_process_ddp_training(tmp_path, zoo):
     assert any("loss_fusion" in h for h in manifest["log_history"])
     trained = weights(out)
     assert all(np.isfinite(t.float().numpy()).all() for t in trained.values())
+
+
+def test_lambda_decay_and_held_out_evaluation(tmp_path, zoo):
+    cfg = load_config(fused_config(tmp_path, zoo, train={"lambda": 0.9, "lambda_end": 0.5, "eval_fraction": 0.4,
+                                                         "fusion_loss": "kl", "temperature": 2.0}))
+    out = train_run(cfg)[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["train_sequences"], manifest["eval_sequences"]) == (3, 2)
+    history = manifest["log_history"]
+    lambdas = [h["lambda"] for h in history if "lambda" in h and "eval_loss" not in h]
+    # λ at optimizer steps 0 and 1 of 8: 0.9 and 0.9 - 0.4 / 8 = 0.85, logged as their mean.
+    assert lambdas[0] == pytest.approx(0.875, abs=1e-6)
+    assert lambdas == sorted(lambdas, reverse=True) and lambdas[-1] < 0.6
+    evals = [h for h in history if "eval_loss" in h]
+    assert evals and all("eval_loss_gold" in h and "eval_loss_fusion" in h for h in evals)

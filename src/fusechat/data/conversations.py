@@ -74,17 +74,14 @@ def parse_record(record: Any, fmt: str, where: str, index: int) -> Conversation:
         if not isinstance(record, dict):
             raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
         fmt = detect_format(record) if fmt in ("auto", "hf") else fmt
-        key = {"sharegpt": "conversations", "openai": "messages"}.get(fmt)
-        if key and key not in record:
-            raise BadRecord("unknown_format", f"data.format is {fmt} but the record has no '{key}' list")
-        if fmt == "sharegpt":
-            messages, shift = _sharegpt_messages(record)
-        elif fmt == "openai":
-            messages, shift = _openai_messages(record), 0
-        else:
-            raise ValueError(f"unknown format {fmt!r}")
+        record_format = FORMATS[fmt]
+        if record_format.list_key not in record:
+            raise BadRecord(
+                "unknown_format", f"data.format is {fmt} but the record has no '{record_format.list_key}' list"
+            )
+        messages, shift = _messages(record, record_format)
         conv = Conversation(id=_record_id(record, where), origin=where, messages=messages)
-        _check_structure(conv, "conversations" if fmt == "sharegpt" else "messages", shift)
+        _check_structure(conv, record_format.list_key, shift)
         return conv
     except BadRecord as e:
         raise e.at(where) from None
@@ -95,46 +92,47 @@ def _record_id(record: dict, where: str) -> str:
     return str(rid) if isinstance(rid, (str, int)) and str(rid) else where
 
 
-def _sharegpt_messages(record: dict) -> tuple[list[Message], int]:
-    """Messages, and how many were added in front of ``conversations`` (a top-level ``system``)."""
-    turns = record["conversations"]
+@dataclass(frozen=True)
+class RecordFormat:
+    """Where a format keeps its turns, and how it names roles."""
+
+    list_key: str
+    role_key: str
+    content_key: str
+    roles: dict[str, str]
+    roles_any_case: bool
+
+
+FORMATS = {
+    "sharegpt": RecordFormat("conversations", "from", "value", SHAREGPT_ROLES, roles_any_case=True),
+    "openai": RecordFormat("messages", "role", "content", OPENAI_ROLES, roles_any_case=False),
+}
+
+
+def _messages(record: dict, f: RecordFormat) -> tuple[list[Message], int]:
+    """Messages, and how many were added in front of the turn list (a top-level ``system``)."""
+    turns = record[f.list_key]
     if not isinstance(turns, list):
-        raise BadRecord("bad_field", f"conversations must be a list, got {type(turns).__name__}")
+        raise BadRecord("bad_field", f"{f.list_key} must be a list, got {type(turns).__name__}")
     messages = []
     system = record.get("system")
     if isinstance(system, str) and system.strip():
         messages.append(Message("system", system))
     for i, turn in enumerate(turns):
+        where = f"{f.list_key}[{i}]"
         if not isinstance(turn, dict):
-            raise BadRecord("bad_field", f"conversations[{i}] must be an object with 'from' and 'value'")
-        for key in ("from", "value"):
+            raise BadRecord("bad_field", f"{where} must be an object with '{f.role_key}' and '{f.content_key}'")
+        for key in (f.role_key, f.content_key):
             if key not in turn:
-                raise BadRecord("bad_field", f"conversations[{i}] has no '{key}'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower()) if isinstance(turn["from"], str) else None
+                raise BadRecord("bad_field", f"{where} has no '{key}'")
+        raw_role = turn[f.role_key]
+        key = raw_role.lower() if isinstance(raw_role, str) and f.roles_any_case else raw_role
+        role = f.roles.get(key) if isinstance(key, str) else None
         if role is None:
-            valid = "|".join(SHAREGPT_ROLES)
-            raise BadRecord("unknown_role", f"conversations[{i}].from must be {valid}, got {turn['from']!r}")
-        messages.append(Message(role, _text(turn["value"], f"conversations[{i}].value")))
+            valid = "|".join(f.roles)
+            raise BadRecord("unknown_role", f"{where}.{f.role_key} must be {valid}, got {raw_role!r}")
+        messages.append(Message(role, _text(turn[f.content_key], f"{where}.{f.content_key}")))
     return messages, len(messages) - len(turns)
-
-
-def _openai_messages(record: dict) -> list[Message]:
-    turns = record["messages"]
-    if not isinstance(turns, list):
-        raise BadRecord("bad_field", f"messages must be a list, got {type(turns).__name__}")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRecord("bad_field", f"messages[{i}] must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
-            if key not in turn:
-                raise BadRecord("bad_field", f"messages[{i}] has no '{key}'")
-        role = OPENAI_ROLES.get(turn["role"]) if isinstance(turn["role"], str) else None
-        if role is None:
-            valid = "|".join(OPENAI_ROLES)
-            raise BadRecord("unknown_role", f"messages[{i}].role must be {valid}, got {turn['role']!r}")
-        messages.append(Message(role, _text(turn["content"], f"messages[{i}].content")))
-    return messages
 
 
 def _text(value: Any, field_name: str) -> str:
