@@ -232,8 +232,9 @@ def test_lambda_decay_and_held_out_evaluation(tmp_path, zoo):
     assert (manifest["train_sequences"], manifest["eval_sequences"]) == (3, 2)
     history = manifest["log_history"]
     lambdas = [h["lambda"] for h in history if "lambda" in h and "eval_loss" not in h]
-    # λ at optimizer steps 0 and 1 of 8: 0.9 and 0.9 - 0.4 / 8 = 0.85, logged as their mean.
-    assert lambdas[0] == pytest.approx(0.875, abs=1e-6)
+    # λ is 0.9 at optimizer step 0 (two micro-batches) and 0.9 - 0.4 / 8 = 0.85 at step 1, whose
+    # epoch has one sequence left (3 training sequences, 2 per step): logged as the mean of the three.
+    assert lambdas[0] == pytest.approx((0.9 + 0.9 + 0.85) / 3, abs=1e-6)
     assert lambdas == sorted(lambdas, reverse=True) and lambdas[-1] < 0.6
     evals = [h for h in history if "eval_loss" in h]
     assert evals and all("eval_loss_gold" in h and "eval_loss_fusion" in h for h in evals)
