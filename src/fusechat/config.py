@@ -148,10 +148,25 @@ class TrainConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
+MergeMethod = Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
+
+
 class MergeConfig(Section):
-    method: Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"] = "varm"
+    method: MergeMethod = Field("varm", description="The merge whose result is the run's fused model.")
+    baselines: list[MergeMethod] = Field(default_factory=list, description="Other merges written beside it.")
+    targets: list[str] | None = Field(None, description="Targets to merge (default: one per source).")
     granularity: Literal["matrix", "layer", "model"] = "matrix"
     variation: Literal["square", "abs"] = "square"
+    sce_select_fraction: float = Field(0.1, gt=0.0, le=1.0, description="SCE: share of elements selected.")
+    sce_select: Literal["mask", "weights"] = Field(
+        "mask", description="SCE: the selection masks the deltas (mergekit) or only sets the weights (FuseChat-2.0 code)."
+    )
+    weights: list[float] | None = Field(None, description="Per-target weights for linear, TA, TIES, DARE (equal).")
+    density: float = Field(0.5, gt=0.0, le=1.0, description="TIES / DARE: share of each delta kept.")
+    ta_scale: float = Field(1.0, gt=0.0, description="Task arithmetic, TIES, DARE: scale of the merged delta.")
+    slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="SLERP: position between the two targets.")
+    seed: int = Field(0, description="DARE's random drops.")
+    max_shard_size_mb: int = Field(5000, gt=0, description="Largest output safetensors shard.")
 
 
 class EvalConfig(Section):

@@ -16,7 +16,7 @@ IMPLEMENTATIONS: dict[str, str | None] = {
     "align": "fusechat.align",
     "fuse": "fusechat.fuse",
     "train": "fusechat.train",
-    "merge": None,
+    "merge": "fusechat.merge",
     "eval": None,
 }
 
@@ -34,6 +34,8 @@ def stage_outputs(cfg: RunConfig, stage: str) -> list:
         return [rundir.stage(stage, "multi")]
     if stage in ("align", "fuse"):
         return [rundir.stage(stage, s.name) for s in cfg.sources]
+    if stage == "merge":
+        return [rundir.stage(stage, m) for m in dict.fromkeys([cfg.merge.method, *cfg.merge.baselines])]
     return [rundir.stage(stage)]
 
 

@@ -1,0 +1,273 @@
+"""Stage 6, merge: the targets in parameter space, tensor by tensor, into ``<run_dir>/merged/<method>/``.
+
+The pivot's and every target's safetensors are read one tensor at a time and the
+result is streamed into sharded safetensors, so peak memory is about one tensor
+per input plus the output tensor, not whole models. Each merged folder is a
+Hugging Face model: weights, config, tokenizer and chat template (from the first
+target), ``merge_weights.json`` (VaRM / SCE weights per tensor), a model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from fusechat.config import RunConfig
+from fusechat.errors import FusechatError
+from fusechat.merge.methods import BASELINES, mergekit_merge, sce, variation, varm_weights, weighted_sum
+from fusechat.merge.tensors_io import ModelReader, StreamingWriter
+from fusechat.progress import console, progress_bar
+from fusechat.run import RunDir, atomic_write_json, atomic_write_text, is_complete, new_manifest, read_manifest, \
+    write_manifest
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+WEIGHT_FILES = re.compile(r"(\.safetensors$|^model\.safetensors\.index\.json$|^manifest\.json$|^README\.md$)")
+
+
+def layer_key(name: str) -> str:
+    """The layer a tensor belongs to (``layer 3``), or its own name outside the repeated blocks."""
+    m = LAYER_RE.search(name)
+    return f"layer {int(m.group(1))}" if m else name
+
+
+def module_type(name: str) -> str:
+    """``self_attn.q_proj`` for ``model.layers.3.self_attn.q_proj.weight``."""
+    m = LAYER_RE.search(name)
+    rest = name[m.end():] if m else name
+    return re.sub(r"\.(weight|bias)$", "", rest)
+
+
+def merge_targets(cfg: RunConfig) -> list[str]:
+    return cfg.merge.targets or [s.name for s in cfg.sources]
+
+
+def model_folder(path: str, label: str) -> Path:
+    """A local folder, or the cached snapshot of a hub id."""
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja"]))
+    except Exception as e:
+        raise FusechatError(f"{label}: cannot find the model {path}: {e}") from None
+
+
+class Inputs:
+    """The pivot and the targets, checked to be the same architecture tensor by tensor."""
+
+    def __init__(self, cfg: RunConfig):
+        rundir = RunDir(cfg.run_dir)
+        self.names = merge_targets(cfg)
+        if len(self.names) < 2:
+            raise FusechatError(f"merging needs at least two targets, got {self.names}")
+        self.target_dirs = []
+        self.fingerprints = []
+        for name in self.names:
+            folder = rundir.stage("train", name)
+            manifest = read_manifest(folder)
+            if not manifest or not manifest.get("complete"):
+                raise FusechatError(f"{folder} holds no complete target; run `fusechat train CONFIG --source {name}`")
+            self.target_dirs.append(folder)
+            self.fingerprints.append(manifest["fingerprint"])
+        self.pivot_dir = model_folder(cfg.pivot.path, f"pivot {cfg.pivot.name!r}")
+        self.pivot = ModelReader(self.pivot_dir, f"pivot {cfg.pivot.name!r}")
+        self.targets = [ModelReader(d, f"target {n!r}") for d, n in zip(self.target_dirs, self.names)]
+        self._check()
+
+    def _check(self) -> None:
+        arch = _architectures(self.pivot_dir)
+        for reader, name in zip(self.targets, self.names):
+            if _architectures(reader.folder) != arch:
+                raise FusechatError(f"target {name!r} is a {_architectures(reader.folder)}, the pivot a {arch}")
+            missing = sorted(set(self.pivot.tensors) - set(reader.tensors))
+            extra = sorted(set(reader.tensors) - set(self.pivot.tensors))
+            if missing or extra:
+                which = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the pivot lacks"
+                raise FusechatError(f"target {name!r} {which} ({len(missing)} missing, {len(extra)} extra tensors)")
+            for tname, info in self.pivot.tensors.items():
+                other = reader.tensors[tname]
+                if other.shape != info.shape or other.dtype != info.dtype:
+                    raise FusechatError(
+                        f"tensor {tname}: the pivot's is {list(info.shape)} {info.dtype}, target {name!r}'s "
+                        f"{list(other.shape)} {other.dtype}"
+                    )
+
+    def tensors(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.pivot.get(name), [t.get(name) for t in self.targets]
+
+    def close(self) -> None:
+        for r in (self.pivot, *self.targets):
+            r.close()
+
+
+def _architectures(folder: Path) -> list[str]:
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("architectures", []) if config.is_file() else []
+
+
+def run(cfg: RunConfig, force: bool = False, analyze: bool = False) -> list[Path]:
+    inputs = Inputs(cfg)
+    try:
+        methods = list(dict.fromkeys([cfg.merge.method, *cfg.merge.baselines]))
+        outs = [merge_one(cfg, inputs, method, force) for method in methods]
+        if analyze:
+            from fusechat.merge.analysis import write_analysis
+
+            outs.append(write_analysis(cfg, inputs))
+    finally:
+        inputs.close()
+    return outs
+
+
+def group_weights(inputs: Inputs, kind: str, granularity: str) -> dict[str, list[float]]:
+    """VaRM weights per layer or for the whole model: variation pooled over the group's elements."""
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    for name in inputs.pivot.names:
+        pivot, targets = inputs.tensors(name)
+        if not pivot.is_floating_point():
+            continue
+        group = layer_key(name) if granularity == "layer" else "model"
+        n = pivot.numel()
+        stats = [variation(t.float() - pivot.float(), kind) * n for t in targets]
+        sums[group] = [a + b for a, b in zip(sums.get(group, [0.0] * len(targets)), stats)]
+        counts[group] = counts.get(group, 0) + n
+    return {g: varm_weights([s / counts[g] for s in v]) for g, v in sums.items()}
+
+
+def merge_tensor(cfg: RunConfig, method: str, name: str, pivot: torch.Tensor, targets: list[torch.Tensor],
+                 groups: dict[str, list[float]] | None) -> tuple[torch.Tensor, list[float] | None]:
+    m = cfg.merge
+    if method == "varm":
+        if groups is not None:
+            weights = groups["model" if m.granularity == "model" else layer_key(name)]
+        else:
+            weights = varm_weights([variation(t.float() - pivot.float(), m.variation) for t in targets])
+        return weighted_sum(targets, weights, pivot.dtype), weights
+    if method == "sce":
+        return sce(pivot, targets, m.sce_select_fraction, m.sce_select)
+    weights = m.weights or [1.0 / len(targets)] * len(targets)
+    if len(weights) != len(targets):
+        raise FusechatError(f"merge.weights has {len(weights)} values for {len(targets)} targets")
+    out = mergekit_merge(method, pivot, targets, weights, m.density, m.ta_scale, m.slerp_t)
+    return out.to(pivot.dtype), None
+
+
+def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) -> Path:
+    from fusechat.run import atomic_dir
+
+    out = RunDir(cfg.run_dir).stage("merge", method)
+    payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": method,
+               "merge": cfg.section_hash("merge")}
+    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    if is_complete(out, fingerprint, force):
+        console.print(f"merge {method}: {out} is complete, skipping")
+        return out
+    if method == "slerp" and len(inputs.targets) != 2:
+        raise FusechatError(f"slerp merges exactly two targets; this run has {len(inputs.targets)}")
+
+    started = time.time()
+    names = inputs.pivot.names
+    groups = None
+    if method == "varm" and cfg.merge.granularity != "matrix":
+        groups = group_weights(inputs, cfg.merge.variation, cfg.merge.granularity)
+    plan = [(n, _dtype(inputs.pivot.tensors[n].dtype), inputs.pivot.tensors[n].shape) for n in names]
+    used_weights: dict[str, list[float]] = {}
+    moved = [False] * len(inputs.targets)
+    with atomic_dir(out) as tmp, progress_bar() as bar:
+        writer = StreamingWriter(tmp, plan, cfg.merge.max_shard_size_mb * 2**20,
+                                 metadata={"fusechat_merge": method})
+        task = bar.add_task(f"merge {method}", total=len(names))
+        for i, name in enumerate(names):
+            pivot, targets = inputs.tensors(name)
+            if not pivot.is_floating_point():
+                if any(not torch.equal(pivot, t) for t in targets):
+                    raise FusechatError(f"tensor {name} is not floating point and differs between the models")
+                merged = pivot
+            else:
+                for j, t in enumerate(targets):
+                    moved[j] = moved[j] or not torch.equal(t, pivot)
+                torch.manual_seed(cfg.merge.seed + i)  # DARE's drops: reproducible per tensor
+                merged, weights = merge_tensor(cfg, method, name, pivot, targets, groups)
+                if weights is not None:
+                    used_weights[name] = [round(w, 6) for w in weights]
+            writer.write(name, merged)
+            del pivot, targets, merged
+            bar.advance(task)
+        writer.close()
+        _copy_model_files(inputs.target_dirs[0], tmp)
+        warnings = [f"target {n!r} equals the pivot: it adds nothing to the merge"
+                    for n, m in zip(inputs.names, moved) if not m]
+        for w in warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
+        if used_weights:
+            atomic_write_json(tmp / "merge_weights.json", {"targets": inputs.names, "weights": used_weights})
+        summary = _weight_summary(used_weights, inputs.names)
+        atomic_write_text(tmp / "README.md", model_card(cfg, method, inputs, summary))
+        manifest = new_manifest("merge", fingerprint, method=method, pivot=cfg.pivot.path, targets=inputs.names,
+                                settings=cfg.merge.model_dump(mode="json"), weights_summary=summary,
+                                warnings=warnings, output_files=writer.files, elapsed_s=round(time.time() - started, 3))
+        manifest["complete"] = True
+        write_manifest(tmp, manifest)
+    console.print(f"merge {method}: {out}" + (f" (mean weights {summary['mean']})" if summary else ""))
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    from fusechat.merge.tensors_io import DTYPES
+
+    return DTYPES[name]
+
+
+def _copy_model_files(source: Path, dest: Path) -> None:
+    """Config, generation config, tokenizer and chat template of a target."""
+    for f in source.iterdir():
+        if f.is_file() and not WEIGHT_FILES.search(f.name):
+            shutil.copyfile(f, dest / f.name)
+
+
+def _weight_summary(weights: dict[str, list[float]], names: list[str]) -> dict:
+    if not weights:
+        return {}
+    columns = list(zip(*weights.values()))
+    return {
+        "mean": {n: round(sum(c) / len(c), 4) for n, c in zip(names, columns)},
+        "min": {n: round(min(c), 4) for n, c in zip(names, columns)},
+        "max": {n: round(max(c), 4) for n, c in zip(names, columns)},
+    }
+
+
+def model_card(cfg: RunConfig, method: str, inputs: Inputs, summary: dict) -> str:
+    m = cfg.merge
+    if method == "varm":
+        how = f"VaRM (FuseChat, arXiv 2402.16107), {m.granularity} granularity, {m.variation} variation"
+    elif method == "sce":
+        how = f"SCE (FuseChat-2.0, arXiv 2408.07990), select {m.sce_select_fraction} ({m.sce_select})"
+    else:
+        how = f"{method} (mergekit's implementation, {BASELINES[method].paper})"
+    rows = "\n".join(f"| {n} | `{d}` | {summary.get('mean', {}).get(n, '-')} | {summary.get('min', {}).get(n, '-')} | "
+                     f"{summary.get('max', {}).get(n, '-')} |" for n, d in zip(inputs.names, inputs.target_dirs))
+    return f"""---
+library_name: transformers
+tags: [fusechat, merge, {method}]
+base_model: {cfg.pivot.path}
+---
+# FuseChat merge: {method}
+
+Merged by fusechat with {how}.
+
+Pivot: `{cfg.pivot.path}`.
+
+| target | folder | mean weight | min | max |
+|---|---|---|---|---|
+{rows}
+
+Per-tensor weights: `merge_weights.json` (VaRM and SCE). Settings: {json.dumps(m.model_dump(mode="json"))}.
+"""
