@@ -18,3 +18,5 @@ def test_demo_runs_the_built_stages(tmp_path):
     for stage in ("align", "fuse", "targets"):
         for source in ("mixtral-sp", "gpt2-char"):
             assert json.loads((out / "run" / stage / source / "manifest.json").read_text())["complete"]
+    for method in ("varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"):
+        assert json.loads((out / "run" / "merged" / method / "manifest.json").read_text())["complete"]

@@ -166,7 +166,7 @@ class MergeConfig(Section):
     ta_scale: float = Field(1.0, gt=0.0, description="Task arithmetic, TIES, DARE: scale of the merged delta.")
     slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="SLERP: position between the two targets.")
     seed: int = Field(0, description="DARE's random drops.")
-    max_shard_size_mb: int = Field(5000, gt=0, description="Largest output safetensors shard.")
+    max_shard_size_mb: float = Field(5000, gt=0, description="Largest output safetensors shard, in MiB.")
 
 
 class EvalConfig(Section):

@@ -66,6 +66,7 @@ def write_demo_inputs(out: Path) -> Path:
         "represent": {"dtype": "fp32", "device": "cpu", "batch_size": 8},
         "train": {"epochs": 3, "global_batch_size": 4, "per_device_batch_size": 2, "learning_rate": 1e-3,
                   "warmup_ratio": 0.1, "logging_steps": 5},
+        "merge": {"method": "varm", "baselines": ["sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]},
     }
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

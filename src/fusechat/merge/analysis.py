@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusechat.config import RunConfig
-from fusechat.merge.methods import variation, varm_weights
+from fusechat.merge.methods import varm_weights
 from fusechat.merge.stage import layer_key, module_type
 from fusechat.progress import console
 from fusechat.run import RunDir, atomic_write_json
@@ -19,12 +19,11 @@ def write_analysis(cfg: RunConfig, inputs) -> Path:
     layer_sums: dict[str, list[float]] = {}
     layer_counts: dict[str, int] = {}
     for name in inputs.pivot.names:
-        pivot, targets = inputs.tensors(name)
-        if not pivot.is_floating_point():
+        if inputs.pivot.tensors[name].dtype not in ("F64", "F32", "F16", "BF16"):
             continue
-        v = [variation(t.float() - pivot.float(), kind) for t in targets]
+        v, n = inputs.variations(name, kind)
         per_matrix[name] = {"variation": v, "varm_weights": varm_weights(v)}
-        group, n = layer_key(name), pivot.numel()
+        group = layer_key(name)
         layer_sums[group] = [a + b * n for a, b in zip(layer_sums.get(group, [0.0] * len(v)), v)]
         layer_counts[group] = layer_counts.get(group, 0) + n
     per_layer = {g: [s / layer_counts[g] for s in sums] for g, sums in layer_sums.items()}

@@ -26,6 +26,7 @@ from fusechat.progress import console, progress_bar
 from fusechat.run import RunDir, atomic_write_json, atomic_write_text, is_complete, new_manifest, read_manifest, \
     write_manifest
 
+CHUNK_ELEMENTS = 1 << 20  # VaRM reads tensors larger than this (4 MiB in fp32) a block of rows at a time
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 WEIGHT_FILES = re.compile(r"(\.safetensors$|^model\.safetensors\.index\.json$|^manifest\.json$|^README\.md$)")
 
@@ -95,12 +96,27 @@ class Inputs:
                 other = reader.tensors[tname]
                 if other.shape != info.shape or other.dtype != info.dtype:
                     raise FusechatError(
-                        f"tensor {tname}: the pivot's is {list(info.shape)} {info.dtype}, target {name!r}'s "
+                        f"tensor {tname}: the pivot has {list(info.shape)} {info.dtype}, target {name!r} has "
                         f"{list(other.shape)} {other.dtype}"
                     )
 
-    def tensors(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.pivot.get(name), [t.get(name) for t in self.targets]
+    def tensors(self, name: str, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.pivot.get(name, rows), [t.get(name, rows) for t in self.targets]
+
+    def blocks(self, name: str):
+        """(pivot, targets) of a tensor, whole or a block of rows at a time when it is large."""
+        for rows in self.pivot.row_chunks(name, CHUNK_ELEMENTS) or [None]:
+            yield self.tensors(name, rows)
+
+    def variations(self, name: str, kind: str) -> tuple[list[float], int]:
+        """Each target's mean squared (or absolute) change of a tensor, read block by block, and its size."""
+        sums, numel = None, 0
+        for pivot, targets in self.blocks(name):
+            n = pivot.numel()
+            stats = [variation(t.float() - pivot.float(), kind) * n for t in targets]
+            sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
+            numel += n
+        return [s / max(numel, 1) for s in sums], numel
 
     def close(self) -> None:
         for r in (self.pivot, *self.targets):
@@ -131,26 +147,19 @@ def group_weights(inputs: Inputs, kind: str, granularity: str) -> dict[str, list
     sums: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
     for name in inputs.pivot.names:
-        pivot, targets = inputs.tensors(name)
-        if not pivot.is_floating_point():
+        if not _is_float(inputs.pivot.tensors[name].dtype):
             continue
         group = layer_key(name) if granularity == "layer" else "model"
-        n = pivot.numel()
-        stats = [variation(t.float() - pivot.float(), kind) * n for t in targets]
-        sums[group] = [a + b for a, b in zip(sums.get(group, [0.0] * len(targets)), stats)]
+        means, n = inputs.variations(name, kind)
+        sums[group] = [a + m * n for a, m in zip(sums.get(group, [0.0] * len(means)), means)]
         counts[group] = counts.get(group, 0) + n
     return {g: varm_weights([s / counts[g] for s in v]) for g, v in sums.items()}
 
 
-def merge_tensor(cfg: RunConfig, method: str, name: str, pivot: torch.Tensor, targets: list[torch.Tensor],
-                 groups: dict[str, list[float]] | None) -> tuple[torch.Tensor, list[float] | None]:
+def merge_tensor(cfg: RunConfig, method: str, pivot: torch.Tensor,
+                 targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[float] | None]:
+    """SCE and the mergekit baselines, which need a whole tensor at once."""
     m = cfg.merge
-    if method == "varm":
-        if groups is not None:
-            weights = groups["model" if m.granularity == "model" else layer_key(name)]
-        else:
-            weights = varm_weights([variation(t.float() - pivot.float(), m.variation) for t in targets])
-        return weighted_sum(targets, weights, pivot.dtype), weights
     if method == "sce":
         return sce(pivot, targets, m.sce_select_fraction, m.sce_select)
     weights = m.weights or [1.0 / len(targets)] * len(targets)
@@ -182,10 +191,24 @@ def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) 
     used_weights: dict[str, list[float]] = {}
     moved = [False] * len(inputs.targets)
     with atomic_dir(out) as tmp, progress_bar() as bar:
-        writer = StreamingWriter(tmp, plan, cfg.merge.max_shard_size_mb * 2**20,
+        writer = StreamingWriter(tmp, plan, int(cfg.merge.max_shard_size_mb * 2**20),
                                  metadata={"fusechat_merge": method})
         task = bar.add_task(f"merge {method}", total=len(names))
         for i, name in enumerate(names):
+            if method == "varm" and _is_float(inputs.pivot.tensors[name].dtype):
+                # Elementwise given the weights: stream it a block of rows at a time.
+                if groups is not None:
+                    weights = groups["model" if cfg.merge.granularity == "model" else layer_key(name)]
+                else:
+                    means, _ = inputs.variations(name, cfg.merge.variation)
+                    weights = varm_weights(means)
+                for pivot, targets in inputs.blocks(name):
+                    for j, t in enumerate(targets):
+                        moved[j] = moved[j] or not torch.equal(t, pivot)
+                    writer.write(name, weighted_sum(targets, weights, pivot.dtype), part=True)
+                used_weights[name] = [round(w, 6) for w in weights]
+                bar.advance(task)
+                continue
             pivot, targets = inputs.tensors(name)
             if not pivot.is_floating_point():
                 if any(not torch.equal(pivot, t) for t in targets):
@@ -195,7 +218,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) 
                 for j, t in enumerate(targets):
                     moved[j] = moved[j] or not torch.equal(t, pivot)
                 torch.manual_seed(cfg.merge.seed + i)  # DARE's drops: reproducible per tensor
-                merged, weights = merge_tensor(cfg, method, name, pivot, targets, groups)
+                merged, weights = merge_tensor(cfg, method, pivot, targets)
                 if weights is not None:
                     used_weights[name] = [round(w, 6) for w in weights]
             writer.write(name, merged)
@@ -218,6 +241,10 @@ def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) 
         write_manifest(tmp, manifest)
     console.print(f"merge {method}: {out}" + (f" (mean weights {summary['mean']})" if summary else ""))
     return out
+
+
+def _is_float(dtype_name: str) -> bool:
+    return dtype_name in ("F64", "F32", "F16", "BF16")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -85,17 +85,32 @@ class ModelReader:
         """Tensor names in file order."""
         return [t.name for t in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.begin))]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows ``[start, end)`` along the first dimension."""
         info = self.tensors[name]
+        shape, begin, nbytes = info.shape, info.begin, info.nbytes
+        if rows is not None:
+            row_bytes = info.nbytes // shape[0]
+            begin, nbytes = begin + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(info.file, "rb")
-        buffer = bytearray(info.nbytes)
-        handle.seek(info.begin)
+        buffer = bytearray(nbytes)
+        handle.seek(begin)
         handle.readinto(buffer)
         if not buffer:
-            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(info.shape)
+            return torch.empty(shape, dtype=DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(shape)
+
+    def row_chunks(self, name: str, max_elements: int) -> list[tuple[int, int]] | None:
+        """Row ranges of at most ``max_elements`` elements each, or None when the tensor is small enough whole."""
+        shape = self.tensors[name].shape
+        numel = _numel(shape)
+        if numel <= max_elements or len(shape) == 0 or shape[0] < 2:
+            return None
+        step = max(1, max_elements // max(1, numel // shape[0]))
+        return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -135,15 +150,20 @@ class StreamingWriter:
             self.headers.append(header)
         self.expected = [name for name, _, _ in plan]
         self.position = 0
+        self.rows_written = 0
         self.current = -1
         self.handle = None
         self.total_size = sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, d, s in plan)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, part: bool = False) -> None:
+        """Write a whole tensor, or (``part=True``) its next rows; tensors come in the planned order."""
         if name != self.expected[self.position]:
             raise RuntimeError(f"tensor {name} written out of the planned order (expected {self.expected[self.position]})")
         spec = self.headers[self.shard_of[name]][name]
-        if list(tensor.shape) != spec["shape"] or DTYPE_NAMES[tensor.dtype] != spec["dtype"]:
+        rows = spec["shape"][0] if spec["shape"] else 1
+        got = list(tensor.shape)
+        fits = got[1:] == spec["shape"][1:] and self.rows_written + got[0] <= rows if part else got == spec["shape"]
+        if not fits or DTYPE_NAMES[tensor.dtype] != spec["dtype"]:
             raise RuntimeError(f"tensor {name}: {tuple(tensor.shape)} {tensor.dtype} does not match the plan")
         shard = self.shard_of[name]
         if shard != self.current:
@@ -151,7 +171,10 @@ class StreamingWriter:
         data = tensor.detach().contiguous().cpu()
         if data.numel():
             self.handle.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-        self.position += 1
+        self.rows_written += got[0] if part else rows
+        if self.rows_written == rows:
+            self.position += 1
+            self.rows_written = 0
 
     def _open(self, shard: int) -> None:
         if self.handle is not None:
