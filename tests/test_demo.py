@@ -20,3 +20,8 @@ def test_demo_runs_the_built_stages(tmp_path):
             assert json.loads((out / "run" / stage / source / "manifest.json").read_text())["complete"]
     for method in ("varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"):
         assert json.loads((out / "run" / "merged" / method / "manifest.json").read_text())["complete"]
+    results = json.loads((out / "run" / "eval" / "results.json").read_text())
+    rows = ["pivot", "mixtral-sp", "gpt2-char", "target-mixtral-sp", "target-gpt2-char", "varm", "sce", "linear",
+            "task_arithmetic", "ties", "dare", "slerp"]
+    assert list(results["bits_per_byte"]) == rows
+    assert set(results["exact_match"]["pivot"]) == {"reverse", "add", "convert", "capitalise", "repeat", "average"}

@@ -95,9 +95,66 @@ def merge(
 
 
 @app.command("eval")
-def eval_(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Evaluate the pivot, sources, targets and merges on held-out data."""
-    _stage("eval", _load(config, set_), force)
+def eval_(
+    config: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="CONFIG", help="Run config (YAML); leave out with --models.", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    models: Annotated[
+        Optional[list[str]],
+        typer.Option("--models", help="Evaluate these model folders or hub ids instead of a run (repeatable or "
+                                      "space-separated); rows are named after the folders.", show_default=False),
+    ] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluation items (JSONL), with --models.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder, with --models (default: fusechat-eval).",
+                                                show_default=False)] = None,
+) -> None:
+    """Evaluate the pivot, sources, targets and merges on held-out items; or any models with --models."""
+    from fusechat.errors import FusechatError
+
+    positional = config or []
+    if not models:
+        if len(positional) != 1 or data is not None or out is not None:
+            raise FusechatError(_EVAL_USAGE)
+        _stage("eval", _load(Path(positional[0]), set_), force)
+        return
+    # Click gives an option one value: the other folders of `--models A B` arrive as positionals.
+    configs = [p for p in positional if p.endswith((".yaml", ".yml"))]
+    if configs:
+        raise FusechatError(f"give either a run CONFIG ({configs[0]}) or --models, not both")
+    if data is None:
+        raise FusechatError("--models needs --data FILE: the evaluation items (JSONL, see docs/eval.md)")
+    from fusechat.evaluate.stage import evaluate_folders
+
+    evaluate_folders([*models, *positional], data, out or Path("fusechat-eval"), _eval_settings(set_))
+
+
+_EVAL_USAGE = (
+    "give exactly one of: a run CONFIG (`fusechat eval run.yaml`), or model folders with their items "
+    "(`fusechat eval --models A B --data items.jsonl [--out DIR]`); --data and --out go with --models"
+)
+
+
+def _eval_settings(overrides: list[str] | None):
+    """The eval section from ``--set eval.key=value`` alone, for --models (there is no config file)."""
+    from pydantic import ValidationError
+
+    from fusechat.config import EvalConfig, apply_override
+    from fusechat.errors import ConfigError
+
+    raw: dict = {}
+    for item in overrides or []:
+        apply_override(raw, item)
+    other = sorted(set(raw) - {"eval"})
+    if other:
+        raise ConfigError("--set", [f"with --models only eval.* settings apply, got {other[0]}"])
+    try:
+        return EvalConfig.model_validate(raw.get("eval") or {})
+    except ValidationError as e:
+        raise ConfigError("--set", [f"eval.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                    for err in e.errors()]) from None
 
 
 @app.command()
@@ -126,13 +183,55 @@ def demo(
     run_demo(out, force=force)
 
 
+zoo_app = typer.Typer(help="The tiny chat models the demo fuses.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Annotated[Path, typer.Option(help="Folder of the zoo.")] = Path("fusechat-demo/zoo"),
+    force: ForceOpt = False,
+) -> None:
+    """Build (or reuse) the demo's zoo: a pivot and three specialists, trained here."""
+    from fusechat.zoo.build import build_zoo
+
+    for name, folder in build_zoo(out, force=force).items():
+        typer.echo(f"{name}\t{folder}")
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
-    message: Annotated[Optional[str], typer.Option(help="Answer this one message and exit.")] = None,
+    message: Annotated[
+        Optional[str], typer.Option(help="Answer this one message, print the answer and exit.", show_default=False)
+    ] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sampling.")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda; auto: a GPU if there is one.")] = "auto",
+    dtype: Annotated[
+        Optional[str], typer.Option(help="fp32, bf16 or fp16; default: bf16 on GPU, fp32 on CPU.", show_default=False)
+    ] = None,
 ) -> None:
-    """Talk with a model through its chat template."""
-    raise StageNotAvailable("`fusechat chat` is not built yet in this version of fusechat")
+    """Talk with a model through its chat template (/reset clears the conversation, /exit ends it)."""
+    from rich.markup import escape
+
+    from fusechat.chat import FALLBACK_TEMPLATE, load_session, repl
+    from fusechat.progress import console
+
+    session = load_session(
+        model, device=device, dtype=dtype, system=system, max_new_tokens=max_new_tokens, temperature=temperature
+    )
+    if session.uses_fallback_template:
+        console.print(f"the tokenizer has no chat template; using the built-in {FALLBACK_TEMPLATE!r} template")
+    if message is not None:
+        session.reply(message, stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+    console.print(
+        f"chatting with {escape(model)}; /reset clears the conversation, /exit or Ctrl-D ends it", soft_wrap=True
+    )
+    repl(session)
 
 
 def _version(value: bool) -> None:

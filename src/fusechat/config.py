@@ -170,8 +170,10 @@ class MergeConfig(Section):
 
 
 class EvalConfig(Section):
-    data: list[str] = Field(default_factory=list, description="Held-out conversation files.")
-    max_new_tokens: int = Field(256, gt=0)
+    data: list[str] = Field(default_factory=list, description="JSONL files of evaluation items (docs/eval.md).")
+    max_new_tokens: int = Field(256, gt=0, description="Longest greedy answer, in tokens.")
+    batch_size: int = Field(16, gt=0, description="Items per forward pass or generate call.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where models run; auto: a GPU if there is one.")
 
 
 class RunConfig(Section):

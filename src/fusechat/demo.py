@@ -9,6 +9,7 @@ stage this version of fusechat has, skipping complete ones on a rerun.
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -57,6 +58,11 @@ def write_demo_inputs(out: Path) -> Path:
         if not (folder / "model.safetensors").exists():
             tok = build_tokenizer(family, texts, vocab_size=600, chat_template=CHATML_JINJA)
             build_model(arch, tok, out_dir=folder, seed=seed, hidden=64, layers=2)
+    from fusechat.zoo.skills import SKILLS, eval_items
+
+    eval_path = data_dir / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps(item) + "\n" for skill in SKILLS for item in eval_items(skill, 4)),
+                         encoding="utf-8")
     config = {
         "run_dir": str(out / "run"),
         "pivot": {"name": "pivot", "path": str(out / "models" / "pivot")},
@@ -67,6 +73,7 @@ def write_demo_inputs(out: Path) -> Path:
         "train": {"epochs": 3, "global_batch_size": 4, "per_device_batch_size": 2, "learning_rate": 1e-3,
                   "warmup_ratio": 0.1, "logging_steps": 5},
         "merge": {"method": "varm", "baselines": ["sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]},
+        "eval": {"data": [str(eval_path)], "max_new_tokens": 16},
     }
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -17,7 +17,7 @@ IMPLEMENTATIONS: dict[str, str | None] = {
     "fuse": "fusechat.fuse",
     "train": "fusechat.train",
     "merge": "fusechat.merge",
-    "eval": None,
+    "eval": "fusechat.evaluate",
 }
 
 

@@ -1,0 +1,222 @@
+"""Scoring one model: greedy exact match, and bits per byte of reference answers.
+
+Every prompt is the question rendered with the model's own chat template and
+its generation prompt, so each model is asked the way it was trained to be
+asked. Bits are counted per UTF-8 byte of the reference answer, which makes
+models with different tokenizers comparable: a tokenizer that cuts the answer
+into more tokens does not pay more for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+from fusechat.errors import FusechatError
+from fusechat.evaluate.items import EvalItem
+from fusechat.progress import console
+
+FALLBACK_TEMPLATE = "openchat"
+_warned: set[tuple[str, str]] = set()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Equal once surrounding whitespace is stripped."""
+    return prediction.strip() == answer.strip()
+
+
+def _warn_once(tokenizer, what: str, message: str) -> None:
+    key = (str(getattr(tokenizer, "name_or_path", "") or id(tokenizer)), what)
+    if key not in _warned:
+        _warned.add(key)
+        console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+class ChatEncoder:
+    """Token ids of prompts and answers as the tokenizer's chat template lays them out."""
+
+    def __init__(self, tokenizer):
+        from fusechat.data.templates import BUILTIN_TEMPLATES
+
+        self.tokenizer = tokenizer
+        self.name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        self.template = None  # None: the tokenizer's own chat template
+        if not getattr(tokenizer, "chat_template", None):
+            self.template = BUILTIN_TEMPLATES[FALLBACK_TEMPLATE].jinja
+            _warn_once(tokenizer, "template", f"{self.name} has no chat template; "
+                                              f"using the built-in {FALLBACK_TEMPLATE} template")
+        self.bos = self._bos_prefix()
+        excluded = {tokenizer.unk_token_id, tokenizer.pad_token_id}
+        specials = set(tokenizer.all_special_ids)
+        specials |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.end_of_turn_ids = specials - excluded
+
+    def _bos_prefix(self) -> list[int]:
+        """``[bos]`` when the tokenizer adds one to plain text (chat templates then write none), else ``[]``."""
+        tok = self.tokenizer
+        if tok.bos_token_id is None:
+            return []
+        with_special = tok("x", add_special_tokens=True)["input_ids"]
+        without = tok("x", add_special_tokens=False)["input_ids"]
+        adds_bos = with_special[:1] == [tok.bos_token_id] and without[:1] != [tok.bos_token_id]
+        return [tok.bos_token_id] if adds_bos else []
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja raises its own errors; the user needs which model
+            raise FusechatError(f"{self.name}: cannot render a conversation with its chat template: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        bos = self.bos if not (self.tokenizer.bos_token and text.startswith(self.tokenizer.bos_token)) else []
+        return bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The question with the generation prompt: what the model sees before answering."""
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def answer_ids(self, messages: list[dict], answer: str) -> tuple[list[int], int]:
+        """(ids, start): the conversation with the answer as an assistant turn; ``ids[start:]`` are scored.
+
+        The scored tokens run from the end of the generation prompt through the
+        first special token (eos, end of turn) after the answer; a template whose
+        end-of-turn marker is plain text to this tokenizer is scored through the
+        end of the rendered turn.
+        """
+        prompt = self.render(messages, add_generation_prompt=True)
+        text = self.render([*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+        if not text.startswith(prompt):
+            _warn_once(self.tokenizer, "prefix", f"{self.name}: the chat template renders the question "
+                                                 "differently once answered; scoring the answer followed by eos")
+            text = prompt + answer + (self.tokenizer.eos_token or "")
+        answer_end = _answer_end(text, answer, len(prompt))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        start = next((i for i, (_, e) in enumerate(offsets) if e > len(prompt)), len(ids))
+        end = self._turn_end(ids, offsets, start, answer_end, len(text.rstrip()))
+        bos = self.bos if not (self.tokenizer.bos_token and text.startswith(self.tokenizer.bos_token)) else []
+        if not bos and start == 0:
+            raise FusechatError(f"{self.name}: the prompt renders to no token; cannot score the answer")
+        return bos + ids[:end], len(bos) + start
+
+    def _turn_end(self, ids: list[int], offsets: list, start: int, answer_end: int, text_end: int) -> int:
+        for i in range(start, len(ids)):
+            if ids[i] in self.end_of_turn_ids and offsets[i][0] >= answer_end:
+                return i + 1
+        last = max((i for i in range(start, len(ids)) if offsets[i][0] < text_end), default=len(ids) - 1)
+        return last + 1
+
+
+def _answer_end(text: str, answer: str, search_from: int) -> int:
+    """Character position right after the answer in the rendered text (templates may trim it)."""
+    for needle in (answer, answer.strip()):
+        at = text.find(needle, search_from)
+        if at >= 0:
+            return at + len(needle)
+    return search_from
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos and those of the model's generation config (e.g. an end-of-turn token)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def pad_id(tokenizer, stops: list[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return stops[0] if stops else 0
+
+
+def batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Item indices in batches of similar length (less padding); every index once."""
+    if batch_size < 1:
+        raise FusechatError(f"batch size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for at in range(0, len(order), batch_size):
+        yield order[at:at + batch_size]
+
+
+def pad_batch(seqs: list[list[int]], pad: int, side: str):
+    """(ids, attention_mask), both ``[batch, longest]`` long tensors, padded on ``side``."""
+    import torch
+
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        cols = slice(longest - len(s), longest) if side == "left" else slice(0, len(s))
+        ids[row, cols] = torch.tensor(s, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int, batch_size: int,
+                     on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers, one string per item: new tokens up to the first stop token, special tokens skipped, stripped.
+
+    Batches are left-padded so every prompt ends at the same column and the
+    new tokens start together.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    encoder = ChatEncoder(tokenizer)
+    prompts = [encoder.prompt_ids(it.messages) for it in items]
+    stops = stop_ids(model, tokenizer)
+    pad = pad_id(tokenizer, stops)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=stops or None, pad_token_id=pad)
+    answers = [""] * len(items)
+    for idx in batches([len(p) for p in prompts], batch_size):
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, "left")
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 generation_config=config)
+        for row, i in zip(out[:, ids.shape[1]:].tolist(), idx):
+            answers[i] = decode_answer(tokenizer, row, stops)
+        if on_batch:
+            on_batch(len(idx))
+    return answers
+
+
+def decode_answer(tokenizer, new_ids: list[int], stops: list[int]) -> str:
+    cut = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
+    return tokenizer.decode(new_ids[:cut], skip_special_tokens=True).strip()
+
+
+def answer_bits(model, tokenizer, items: list[EvalItem], batch_size: int,
+                on_batch: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+    """Per item: (bits, bytes) = (−log2 p(answer + end of turn | prompt), UTF-8 bytes of the answer).
+
+    bits / bytes is the item's bits per byte.
+    """
+    import torch
+
+    encoder = ChatEncoder(tokenizer)
+    seqs = [encoder.answer_ids(it.messages, it.answer) for it in items]
+    pad = pad_id(tokenizer, stop_ids(model, tokenizer))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+    for idx in batches([len(s) for s, _ in seqs], batch_size):
+        ids, mask = pad_batch([seqs[i][0] for i in idx], pad, "right")
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for row, i in enumerate(idx):
+            tokens, start = seqs[i]
+            out[i] = (sequence_bits(logits[row], tokens, start), len(items[i].answer.encode("utf-8")))
+        if on_batch:
+            on_batch(len(idx))
+    return out
+
+
+def sequence_bits(logits, tokens: list[int], start: int) -> float:
+    """−Σ log2 p(tokens[t] | tokens[:t]) for t ≥ start; ``logits`` is ``[length ≥ len(tokens), vocab]``."""
+    import torch
+
+    logp = logits[start - 1:len(tokens) - 1].float().log_softmax(-1)
+    target = torch.tensor(tokens[start:], dtype=torch.long, device=logp.device)
+    nats = -logp.gather(-1, target[:, None]).sum().item()
+    return nats / math.log(2)

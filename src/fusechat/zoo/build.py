@@ -1,0 +1,145 @@
+"""``fusechat zoo build``: the tiny heterogeneous chat models the demo fuses.
+
+Each zoo model has its own architecture, tokenizer family, size and skills. It is
+initialised from a transformers config and trained with fusechat's own prepare and
+train stages (λ = 1, plain fine-tuning) on plenty of conversations of its skills,
+then saved in Hugging Face format with its tokenizer and the OpenChat chat template.
+A model whose folder holds a complete manifest for the same spec is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fusechat.progress import console
+from fusechat.run import atomic_dir, read_manifest, write_manifest, new_manifest
+from fusechat.zoo.skills import SKILLS, conversations
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    arch: str  # fusechat.zoo.models.ARCHITECTURES
+    tokenizer: str  # fusechat.zoo.tokenizers.KINDS
+    vocab_size: int
+    hidden: int
+    layers: int
+    skills: dict[str, int]  # skill -> training conversations
+    steps: int
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    models: tuple[ZooModel, ...]
+    extra: dict = field(default_factory=dict)
+
+    def model(self, name: str) -> ZooModel:
+        return next(m for m in self.models if m.name == name)
+
+
+# The demo's zoo: a Llama pivot that knows one skill and three specialists, each a
+# different architecture, tokenizer family and size, with two skills of their own.
+DEMO_ZOO = ZooSpec(models=(
+    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 300, "reverse": 300,
+                                                        "add": 300, "convert": 300, "describe": 300,
+                                                        "forecast": 300}, steps=500),
+    ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=500),
+    ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "add": 4000}, steps=500),
+    ZooModel("converter", "gpt2", "char", 0, 96, 3, {"convert": 4000, "capitalise": 4000}, steps=500),
+))
+
+TEMPLATE_TEXT = ["GPT4 Correct User: ", "GPT4 Correct Assistant: "]
+
+
+def tokenizer_corpus(seed: int = 0) -> list[str]:
+    """Text of every skill (so that every tokenizer covers every character) and the template."""
+    texts = list(TEMPLATE_TEXT)
+    for skill in SKILLS:
+        for c in conversations(skill, 400, seed=1000 + seed):
+            texts += [t["value"] for t in c["conversations"]]
+    return texts
+
+
+def spec_hash(model: ZooModel) -> str:
+    return hashlib.sha256(json.dumps(asdict(model), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[str, Path]:
+    """Build (or reuse) every model of ``spec`` under ``out/models``; returns name -> folder."""
+    out = Path(out)
+    folders = {}
+    for model in spec.models:
+        folders[model.name] = build_model(out, model, force)
+    return folders
+
+
+def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
+    from fusechat import prepare
+    from fusechat.config import load_config
+    from fusechat.data.templates import BUILTIN_TEMPLATES
+    from fusechat.train.stage import train_target
+    from fusechat.zoo.models import build_model as init_model
+    from fusechat.zoo.tokenizers import build_tokenizer
+
+    folder = out / "models" / model.name
+    fingerprint = spec_hash(model)
+    manifest = read_manifest(folder)
+    if not force and manifest and manifest.get("complete") and manifest.get("fingerprint") == fingerprint:
+        console.print(f"zoo {model.name}: {folder} is complete, reusing it")
+        return folder
+    started = time.time()
+    work = out / "work" / model.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    data = work / "train.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for skill, n in model.skills.items():
+            for c in conversations(skill, n, seed=model.seed, id_prefix=f"{model.name}-"):
+                f.write(json.dumps(c) + "\n")
+    vocab = model.vocab_size or 10_000
+    tok = build_tokenizer(model.tokenizer, tokenizer_corpus(), vocab_size=vocab,
+                          chat_template=BUILTIN_TEMPLATES["openchat"].jinja)
+    init_model(model.arch, tok, out_dir=work / "init", seed=model.seed, hidden=model.hidden, layers=model.layers,
+               heads=4, max_positions=512)
+    config = {
+        "run_dir": str(work / "run"),
+        "pivot": {"name": model.name, "path": str(work / "init")},
+        "sources": [{"name": "itself", "path": str(work / "init")}],
+        "data": {"paths": [str(data)]},
+        "prepare": {"template": "openchat", "max_length": 256},
+        "train": {"lambda": 1.0, "max_steps": model.steps, "learning_rate": model.learning_rate,
+                  "global_batch_size": model.batch_size, "per_device_batch_size": model.batch_size,
+                  "warmup_ratio": 0.05, "lr_scheduler": "cosine", "logging_steps": max(1, model.steps // 5),
+                  "save_steps": model.steps, "report_to": ["none"], "seed": model.seed},
+    }
+    (work / "run.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(work / "run.yaml")
+    prepare.run(cfg)
+    trained = train_target(cfg, "sft")
+    with atomic_dir(folder) as tmp:
+        for f in trained.iterdir():
+            if f.is_file() and f.name not in ("manifest.json", "README.md"):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "README.md").write_text(
+            f"# {model.name}: a fusechat zoo model\n\n{model.arch} ({model.hidden} × {model.layers}), "
+            f"{model.tokenizer} tokenizer, trained with fusechat (λ = 1) on: "
+            + ", ".join(f"{s} ({n})" for s, n in model.skills.items()) + ".\n"
+        )
+        record = new_manifest("zoo", fingerprint, spec=asdict(model), elapsed_s=round(time.time() - started, 1),
+                              train=read_manifest(trained).get("train_loss") if read_manifest(trained) else None)
+        record["complete"] = True
+        write_manifest(tmp, record)
+    shutil.rmtree(work, ignore_errors=True)
+    console.print(f"zoo {model.name}: built in {time.time() - started:.0f} s → {folder}")
+    return folder
