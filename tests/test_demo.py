@@ -1,27 +1,28 @@
 import json
 
-import pytest
+from fusechat.demo import run_demo
+from fusechat.zoo.build import ZooModel, ZooSpec
 
-from fusechat.cli import main
+MICRO = ZooSpec(models=(
+    ZooModel("pivot", "llama", "byte_bpe", 400, 16, 1, {"repeat": 16, "describe": 4}, steps=2, batch_size=4),
+    ZooModel("describer", "mixtral", "sp_bpe", 400, 16, 1, {"describe": 16}, steps=2, batch_size=4),
+    ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
+))
+FAST = {"train": {"max_steps": 2, "global_batch_size": 4, "per_device_batch_size": 4},
+        "eval": {"max_new_tokens": 4}}
 
 
-def test_demo_runs_the_built_stages(tmp_path):
-    out = tmp_path / "demo"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--out", str(out)])
-    assert exit_info.value.code == 0
-    manifest = json.loads((out / "run" / "prepared" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["counts"]["rows"] > 10
-    assert manifest["counts"]["split"] >= 1  # the long sample conversation is split at max_length 160
-    for model in ("pivot", "mixtral-sp", "gpt2-char"):
-        assert json.loads((out / "run" / "represent" / model / "manifest.json").read_text())["complete"]
-    for stage in ("align", "fuse", "targets"):
-        for source in ("mixtral-sp", "gpt2-char"):
-            assert json.loads((out / "run" / stage / source / "manifest.json").read_text())["complete"]
-    for method in ("varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"):
-        assert json.loads((out / "run" / "merged" / method / "manifest.json").read_text())["complete"]
-    results = json.loads((out / "run" / "eval" / "results.json").read_text())
-    rows = ["pivot", "mixtral-sp", "gpt2-char", "target-mixtral-sp", "target-gpt2-char", "varm", "sce", "linear",
-            "task_arithmetic", "ties", "dare", "slerp"]
+def test_micro_demo_runs_the_whole_pipeline(tmp_path):
+    results = run_demo(tmp_path, spec=MICRO, mixture_per_skill=3, eval_per_skill=2, overrides=FAST)
+    rows = ["pivot", "describer", "converter", "target-describer", "target-converter", "sft", "multi",
+            "varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
     assert list(results["bits_per_byte"]) == rows
     assert set(results["exact_match"]["pivot"]) == {"reverse", "add", "convert", "capitalise", "repeat", "average"}
+    assert set(results["entropy_floor"]) == {"describe", "forecast"}
+    assert 0 < results["entropy_floor"]["describe"] < 1
+    assert results["source_skills"] == {"describer": ["describe"], "converter": ["convert"]}
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["source_skills"] == results["source_skills"]
+    for name in ("results.md", "results.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert "entropy floor" in (tmp_path / "eval" / "results.md").read_text()

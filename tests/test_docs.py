@@ -28,7 +28,8 @@ def test_every_config_field_is_documented():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    load_config(path)
+    # The demo's config names the files `fusechat demo` writes; the others must resolve as they are.
+    load_config(path, check_paths=path.name != "demo.yaml")
 
 
 def test_ci_runs_the_readme_test_command():

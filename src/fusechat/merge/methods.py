@@ -111,9 +111,10 @@ def mergekit_merge(method: str, pivot: torch.Tensor, targets: list[torch.Tensor]
     if method == "linear":
         return merge_tensors(targets, "linear", parameters={"weight": weights, "normalize": True})
     if method == "slerp":
-        if n != 2:
-            raise ValueError(f"slerp merges exactly two targets, got {n}")
-        return merge_tensors(targets, "slerp", parameters={"t": slerp_t}, base_index=0)
+        if n == 2:
+            return merge_tensors(targets, "slerp", parameters={"t": slerp_t}, base_index=0)
+        # More than two: mergekit's spherical average of several models.
+        return merge_tensors(targets, "multislerp", parameters={"weight": weights})
     ids = list(range(n + 1))
     params = {"weight": {i + 1: weights[i] for i in range(n)}, "lambda": ta_scale}
     if method in ("ties", "dare"):

@@ -179,8 +179,6 @@ def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) 
     if is_complete(out, fingerprint, force):
         console.print(f"merge {method}: {out} is complete, skipping")
         return out
-    if method == "slerp" and len(inputs.targets) != 2:
-        raise FusechatError(f"slerp merges exactly two targets; this run has {len(inputs.targets)}")
 
     started = time.time()
     names = inputs.pivot.names

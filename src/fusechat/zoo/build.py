@@ -52,10 +52,13 @@ class ZooSpec:
 DEMO_ZOO = ZooSpec(models=(
     ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 300, "reverse": 300,
                                                         "add": 300, "convert": 300, "describe": 300,
-                                                        "forecast": 300}, steps=500),
-    ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=500),
-    ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "add": 4000}, steps=500),
-    ZooModel("converter", "gpt2", "char", 0, 96, 3, {"convert": 4000, "capitalise": 4000}, steps=500),
+                                                        "forecast": 300}, steps=600, learning_rate=5e-3),
+    ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=800,
+             learning_rate=1e-2),
+    ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "add": 4000}, steps=800,
+             learning_rate=1e-2),
+    ZooModel("converter", "gpt2", "char", 0, 64, 2, {"convert": 4000, "capitalise": 4000}, steps=800,
+             learning_rate=1e-2),
 ))
 
 TEMPLATE_TEXT = ["GPT4 Correct User: ", "GPT4 Correct Assistant: "]
