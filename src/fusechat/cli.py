@@ -177,7 +177,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo run.")] = Path("fusechat-demo"),
     force: ForceOpt = False,
 ) -> None:
-    """Run the pipeline end to end on the built-in sample, no GPU or hub needed."""
+    """Fuse a zoo of tiny chat models end to end and print the results table (no GPU or hub needed)."""
     from fusechat.demo import run_demo
 
     run_demo(out, force=force)
