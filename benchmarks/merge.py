@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def build(root: Path) -> int:
 
 
 def worker(kind: str, root: Path) -> dict:
-    import psutil
+    from peak_rss import PeakRSS
 
     if kind == "mergekit":
         from mergekit.config import MergeConfiguration
@@ -80,24 +79,11 @@ def worker(kind: str, root: Path) -> dict:
         def job():
             run(cfg, force=True)
 
-    process = psutil.Process()
-    base = peak = process.memory_info().rss
-    running = True
-
-    def sample():
-        nonlocal peak
-        while running:
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    job()
-    elapsed = time.perf_counter() - started
-    running = False
-    sampler.join()
-    return {"seconds": elapsed, "peak_delta_bytes": peak - base}
+    with PeakRSS(interval=0.005) as peak:
+        started = time.perf_counter()
+        job()
+        elapsed = time.perf_counter() - started
+    return {"seconds": elapsed, "peak_delta_bytes": peak.delta_bytes}
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,8 +26,8 @@ B, T, V, K = 4, 512, 8000, 10
 
 
 def worker(variant: str, steps: int) -> dict:
-    import psutil
     import torch
+    from peak_rss import PeakRSS
 
     from fusechat.train.loss import fusion_loss
     from fusechat.zoo.models import tiny_config
@@ -58,34 +57,20 @@ def worker(variant: str, steps: int) -> dict:
 
     for _ in range(2):
         step()
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = base
-    running = True
-
-    def sample():
-        nonlocal peak
-        while running:
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    running = False
-    sampler.join()
-    return {"step_s": statistics.median(times), "peak_delta_bytes": peak - base}
+    with PeakRSS() as peak:
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+    return {"step_s": statistics.median(times), "peak_delta_bytes": peak.delta_bytes}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the ratios here")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", choices=["sft", "fusion"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

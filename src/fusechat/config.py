@@ -7,8 +7,6 @@ that names the closest valid key. Paths are relative to the current directory.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -217,7 +215,9 @@ class RunConfig(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for manifests and skip-if-complete checks."""
         payload = {s: _dump(getattr(self, s)) for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        from fusechat.run import inputs_fingerprint
+
+        return inputs_fingerprint(payload)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)

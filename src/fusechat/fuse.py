@@ -20,8 +20,6 @@ Output ``<run_dir>/fuse/<source|multi>/shard-*.parquet``: ``DistRow`` whose
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,7 +32,7 @@ from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.representation import DistRow, id_dtype, read_dists, read_representation, shard_name, write_dist_shard
-from fusechat.run import RunDir, atomic_dir, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.run import RunDir, atomic_dir, inputs_fingerprint, is_complete, new_manifest, read_manifest, write_manifest
 
 MULTI = "multi"
 
@@ -73,7 +71,6 @@ def mix(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], weights: np
     candidates: (ids (T, k), probs (T, k), in_loss (T,)) each. A candidate absent at
     a position (``in_loss`` false) leaves the weights of the others renormalised there.
     """
-    T = len(candidates[0][0])
     w = np.stack([weights[i] * c[2] for i, c in enumerate(candidates)], axis=1)  # (T, C)
     total = w.sum(axis=1, keepdims=True)
     w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
@@ -132,7 +129,7 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
     aligned = [_complete_alignment(cfg, s) for s in sources]
     payload = {"pivot": pm["fingerprint"], "align": [m["fingerprint"] for _, m in aligned],
                "fuse": cfg.section_hash("fuse")}
-    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force):
         console.print(f"fuse {name}: {out} is complete, skipping")
         return out

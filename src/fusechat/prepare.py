@@ -22,7 +22,7 @@ from fusechat.data.templates import Rendered, get_template
 from fusechat.errors import DataError, FusechatError
 from fusechat.models import load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.run import RunDir, atomic_dir, is_complete, new_manifest, sha256_tree, write_manifest
+from fusechat.run import RunDir, atomic_dir, inputs_fingerprint, is_complete, new_manifest, sha256_tree, write_manifest
 
 MAX_LISTED_ERRORS = 20
 
@@ -177,12 +177,10 @@ def check_records(cfg: RunConfig) -> tuple[int, list[BadRecord]]:
 
 
 def input_fingerprint(cfg: RunConfig, tok_hash: str) -> tuple[str, dict]:
-    import hashlib
-    import json
 
     inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
     payload = {"config": cfg.section_hash("data", "prepare"), "tokenizer": tok_hash, "inputs": inputs}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16], inputs
+    return inputs_fingerprint(payload), inputs
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:

@@ -27,7 +27,7 @@ from fusechat.models import config_hash, load_causal_lm, load_tokenizer, tokeniz
 from fusechat.prepare import load_prepared
 from fusechat.progress import console, summary_table
 from fusechat.representation import SequenceRep, id_dtype, shard_files, shard_meta, shard_name, write_shard
-from fusechat.run import RunDir, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.run import RunDir, inputs_fingerprint, is_complete, new_manifest, read_manifest, write_manifest
 
 CE_CHUNK_ROWS = 1024  # rows of (N, V) logits upcast to fp32 at a time when computing cross-entropy
 
@@ -243,14 +243,12 @@ def _device_map(device: str, num_processes: int, state_device):
 
 
 def model_fingerprint(cfg: RunConfig, spec: ModelSpec, tok_hash: str, prepared_fp: str) -> str:
-    import hashlib
-    import json
 
     payload = {
         "prepared": prepared_fp, "path": spec.path, "revision": spec.revision, "config": config_hash(spec),
         "tokenizer": tok_hash, "top_k": cfg.represent.top_k, "dtype": cfg.represent.dtype,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return inputs_fingerprint(payload)
 
 
 def run(cfg: RunConfig, force: bool = False, model: str | None = None) -> list[Path]:

@@ -119,6 +119,11 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
     )
 
 
+def inputs_fingerprint(payload: Any) -> str:
+    """Short stable hash of a JSON-able description of a stage's inputs and settings."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -11,8 +11,6 @@ the count of every alignment case.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +25,7 @@ from fusechat.errors import FusechatError
 from fusechat.models import load_tokenizer
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.representation import DistRow, id_dtype, read_representation, shard_name, write_dist_shard
-from fusechat.run import RunDir, atomic_dir, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.run import RunDir, atomic_dir, inputs_fingerprint, is_complete, new_manifest, read_manifest, write_manifest
 
 
 def complete_representation(cfg: RunConfig, spec: ModelSpec) -> tuple[Path, dict]:
@@ -84,7 +82,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             f"(the text or template changed between them); rerun `fusechat represent CONFIG --model {spec.name}`"
         )
     payload = {"pivot": pm["fingerprint"], "source": sm["fingerprint"], "align": cfg.section_hash("align")}
-    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force):
         console.print(f"align {spec.name}: {out} is complete, skipping")
         return out

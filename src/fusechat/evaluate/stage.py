@@ -10,7 +10,6 @@ holds every item's greedy answer and bits, per model.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import re
 import time
@@ -23,7 +22,7 @@ from fusechat.evaluate.items import EvalItem, load_items, skills_of
 from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.progress import console, progress_bar
-from fusechat.run import RunDir, atomic_dir, atomic_write_text, is_complete, new_manifest, read_manifest, \
+from fusechat.run import RunDir, atomic_dir, atomic_write_text, inputs_fingerprint, is_complete, new_manifest, read_manifest, \
     sha256_file, write_manifest
 
 SKIPPED_MERGE_FOLDERS = ("analysis",)
@@ -222,7 +221,7 @@ def eval_fingerprint(cfg: RunConfig, rows: list[Row]) -> str:
     payload = {"data": [sha256_file(p) for p in cfg.eval.data],
                "models": [[r.name, r.path, r.identity] for r in rows],
                "eval": cfg.section_hash("eval")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return inputs_fingerprint(payload)
 
 
 def with_context(results: dict, models: dict[str, str], data: list[str], items: list[EvalItem]) -> dict:

@@ -9,7 +9,6 @@ target), ``merge_weights.json`` (VaRM / SCE weights per tensor), a model card.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -23,8 +22,8 @@ from fusechat.errors import FusechatError
 from fusechat.merge.methods import BASELINES, mergekit_merge, sce, variation, varm_weights, weighted_sum
 from fusechat.merge.tensors_io import ModelReader, StreamingWriter
 from fusechat.progress import console, progress_bar
-from fusechat.run import RunDir, atomic_write_json, atomic_write_text, is_complete, new_manifest, read_manifest, \
-    write_manifest
+from fusechat.run import RunDir, atomic_write_json, atomic_write_text, inputs_fingerprint, is_complete, new_manifest, \
+    read_manifest, write_manifest
 
 CHUNK_ELEMENTS = 1 << 20  # VaRM reads tensors larger than this (4 MiB in fp32) a block of rows at a time
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -175,7 +174,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) 
     out = RunDir(cfg.run_dir).stage("merge", method)
     payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": method,
                "merge": cfg.section_hash("merge")}
-    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force):
         console.print(f"merge {method}: {out} is complete, skipping")
         return out

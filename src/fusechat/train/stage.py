@@ -11,8 +11,6 @@ run's chat template and a model card.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +18,8 @@ from pathlib import Path
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.progress import console
-from fusechat.run import RunDir, atomic_write_text, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.run import RunDir, atomic_write_text, inputs_fingerprint, is_complete, new_manifest, read_manifest, \
+    write_manifest
 
 SFT, MULTI = "sft", "multi"
 
@@ -88,7 +87,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
     prepared_manifest = read_manifest(rundir.stage("prepare")) or {}
     payload = {"prepared": prepared_manifest.get("fingerprint"), "fused": (fused_manifest or {}).get("fingerprint"),
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
-    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force):
         console.print(f"train {name}: {out} is complete, skipping")
         return out

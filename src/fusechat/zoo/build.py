@@ -9,7 +9,6 @@ A model whose folder holds a complete manifest for the same spec is reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from fusechat.progress import console
-from fusechat.run import atomic_dir, read_manifest, write_manifest, new_manifest
+from fusechat.run import atomic_dir, inputs_fingerprint, new_manifest, read_manifest, write_manifest
 from fusechat.zoo.skills import SKILLS, conversations
 
 
@@ -74,7 +73,7 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
 
 
 def spec_hash(model: ZooModel) -> str:
-    return hashlib.sha256(json.dumps(asdict(model), sort_keys=True).encode()).hexdigest()[:16]
+    return inputs_fingerprint(asdict(model))
 
 
 def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[str, Path]:
