@@ -46,18 +46,16 @@ class ZooSpec:
         return next(m for m in self.models if m.name == name)
 
 
-# The demo's zoo: a Llama pivot that knows one skill and three specialists, each a
-# different architecture, tokenizer family and size, with two skills of their own.
+# The demo's zoo: a Llama pivot that knows two skills and three specialists, each a
+# different architecture, tokenizer family and size, with skills of their own.
 DEMO_ZOO = ZooSpec(models=(
-    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 300, "reverse": 300,
-                                                        "add": 300, "convert": 300, "describe": 300,
-                                                        "forecast": 300}, steps=600, learning_rate=5e-3),
-    ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=800,
-             learning_rate=1e-2),
-    ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "add": 4000}, steps=800,
-             learning_rate=1e-2),
-    ZooModel("converter", "gpt2", "char", 0, 64, 2, {"convert": 4000, "capitalise": 4000}, steps=800,
-             learning_rate=1e-2),
+    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200,
+             learning_rate=5e-3),
+    ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=1500,
+             learning_rate=5e-3),
+    ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "convert": 4000}, steps=1500,
+             learning_rate=5e-3),
+    ZooModel("calculator", "gpt2", "char", 0, 128, 4, {"add": 6000}, steps=1500, learning_rate=3e-3),
 ))
 
 TEMPLATE_TEXT = ["GPT4 Correct User: ", "GPT4 Correct Assistant: "]
