@@ -130,8 +130,7 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
     payload = {"pivot": pm["fingerprint"], "align": [m["fingerprint"] for _, m in aligned],
                "fuse": cfg.section_hash("fuse")}
     fingerprint = inputs_fingerprint(payload)
-    if is_complete(out, fingerprint, force):
-        console.print(f"fuse {name}: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label=f"fuse {name}"):
         return out
 
     started = time.time()

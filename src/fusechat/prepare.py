@@ -196,8 +196,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     template = get_template(cfg.prepare.template, tokenizer)
     tok_hash = tokenizer_hash(tokenizer)
     fingerprint, inputs = input_fingerprint(cfg, tok_hash)
-    if is_complete(out, fingerprint, force):
-        console.print(f"prepare: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label="prepare"):
         return out
 
     started = time.time()

@@ -270,8 +270,7 @@ def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Pat
     tokenizer = load_tokenizer(spec)
     tok_hash = tokenizer_hash(tokenizer)
     fingerprint = model_fingerprint(cfg, spec, tok_hash, prepared_manifest["fingerprint"])
-    if is_complete(out, fingerprint, force):
-        console.print(f"represent {spec.name}: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label=f"represent {spec.name}"):
         return out
     if cfg.represent.top_k > len(tokenizer):
         raise FusechatError(

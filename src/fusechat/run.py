@@ -98,8 +98,8 @@ def new_manifest(stage: str, fingerprint: str, **fields: Any) -> dict:
     }
 
 
-def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False) -> bool:
-    """True when ``folder`` holds complete output made from the same inputs.
+def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False, label: str | None = None) -> bool:
+    """True when ``folder`` holds complete output made from the same inputs (said on the console as ``label``).
 
     Complete output from *other* inputs is an error rather than silently kept or
     silently overwritten: the user either reruns with ``--force`` or picks
@@ -109,6 +109,10 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
     if manifest is None or not manifest.get("complete"):
         return False
     if manifest.get("fingerprint") == fingerprint:
+        if not force and label:
+            from fusechat.progress import console
+
+            console.print(f"{label}: {folder} is complete, skipping")
         return not force
     if force:
         return False

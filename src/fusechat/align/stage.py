@@ -83,8 +83,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
         )
     payload = {"pivot": pm["fingerprint"], "source": sm["fingerprint"], "align": cfg.section_hash("align")}
     fingerprint = inputs_fingerprint(payload)
-    if is_complete(out, fingerprint, force):
-        console.print(f"align {spec.name}: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label=f"align {spec.name}"):
         return out
 
     started = time.time()

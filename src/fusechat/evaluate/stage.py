@@ -199,8 +199,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     items = load_all_items(cfg.eval.data)
     rows = model_rows(cfg)
     fingerprint = eval_fingerprint(cfg, rows)
-    if is_complete(out, fingerprint, force):
-        console.print(f"eval: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label="eval"):
         return out
     started = time.time()
     records = score_models({r.name: r.path for r in rows}, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,

@@ -175,8 +175,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) 
     payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": method,
                "merge": cfg.section_hash("merge")}
     fingerprint = inputs_fingerprint(payload)
-    if is_complete(out, fingerprint, force):
-        console.print(f"merge {method}: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label=f"merge {method}"):
         return out
 
     started = time.time()

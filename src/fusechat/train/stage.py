@@ -88,8 +88,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
     payload = {"prepared": prepared_manifest.get("fingerprint"), "fused": (fused_manifest or {}).get("fingerprint"),
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
     fingerprint = inputs_fingerprint(payload)
-    if is_complete(out, fingerprint, force):
-        console.print(f"train {name}: {out} is complete, skipping")
+    if is_complete(out, fingerprint, force, label=f"train {name}"):
         return out
     if force and state.is_main_process:
         shutil.rmtree(work, ignore_errors=True)
