@@ -124,3 +124,13 @@ def write_config(tmp_path, zoo, pivot="llama", sources=("mistral",), **sections)
     return path
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when asked for: `python -m pytest -m slow`."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `python -m pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -170,6 +170,11 @@ def test_vocab_map_each_method_by_hand():
     assert vmap.coverage() == {"unmapped": 0, "special": 2, "exact": 1, "statistics": 2, "edit_distance": 2}
     no_fallback = build_vocab_map(source, pivot, counts, edit_distance_fallback=False)
     assert no_fallback.method[6] == UNMAPPED and no_fallback.pivot_id[6] == -1
+    # Only the ids projection reads get the (quadratic) edit-distance fallback.
+    only_used = build_vocab_map(source, pivot, counts, needed=np.array([0, 2, 4]))
+    assert only_used.method.tolist() == [SPECIAL, SPECIAL, EXACT, STATISTICS, EDIT_DISTANCE, STATISTICS, UNMAPPED]
+    assert only_used.coverage(np.array([0, 2, 4])) == {"unmapped": 0, "special": 1, "exact": 1, "statistics": 0,
+                                                       "edit_distance": 1}
 
 
 def test_vocab_map_between_byte_level_and_sentencepiece(family_tokenizers):

@@ -124,8 +124,13 @@ def test_unknown_key_in_a_list_item(tmp_path, config_lines):
     assert unknown[0].startswith("line 7:")
     assert "sources[0].pth" in unknown[0]
     assert "did you mean 'path'" in unknown[0]
-    assert any("sources[0].path" in p and "required key is missing" in p for p in problems)
-    assert len(problems) == 2
+    assert len(problems) == 1
+
+
+def test_a_model_without_path_gguf_or_zoo_is_named(tmp_path, config_lines):
+    config_lines[6] = "    revision: main"
+    problem = only_problem(write(tmp_path, config_lines))
+    assert "sources[0]" in problem and "needs `path` (a folder or hub id), `gguf`" in problem
 
 
 def test_unknown_top_level_section(tmp_path, config_lines):
@@ -401,7 +406,8 @@ def flat(text):
 def test_cli_validate_prints_resolved_yaml(tmp_path, config_lines, data_file, capsys):
     assert cli("validate", write(tmp_path, config_lines)) == 0
     out = yaml.safe_load(capsys.readouterr().out)
-    assert out["pivot"] == {"name": "pivot", "path": "org/pivot-model", "revision": None, "trust_remote_code": False}
+    assert out["pivot"] == {"name": "pivot", "path": "org/pivot-model", "gguf": None, "zoo": None, "revision": None,
+                            "trust_remote_code": False}
     assert out["data"]["paths"] == [str(data_file)]
     assert out["data"]["on_bad_record"] == "error"
     assert out["prepare"]["max_length"] == 512

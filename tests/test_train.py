@@ -238,3 +238,16 @@ def test_lambda_decay_and_held_out_evaluation(tmp_path, zoo):
     assert lambdas == sorted(lambdas, reverse=True) and lambdas[-1] < 0.6
     evals = [h for h in history if "eval_loss" in h]
     assert evals and all("eval_loss_gold" in h and "eval_loss_fusion" in h for h in evals)
+
+
+def test_baselines_train_beside_the_targets_and_leave_their_fingerprints_alone(tmp_path, zoo):
+    from fusechat.config import load_config
+    from fusechat.train.stage import baseline_config, targets
+
+    config = write_config(tmp_path, zoo, train={"max_steps": 1, "report_to": ["none"], "baselines": ["sft", "multi"]})
+    cfg = load_config(config)
+    assert targets(cfg) == ["mistral", "sft", "multi"]
+    assert baseline_config(cfg, "sft").train.lambda_ == 1.0 and baseline_config(cfg, "multi").fuse.method == "multi"
+    plain = load_config(config, overrides=["train.baselines=[]"])
+    assert plain.section_hash("train") == cfg.section_hash("train")
+    assert load_config(config, overrides=["train.lambda=0.5"]).section_hash("train") != cfg.section_hash("train")

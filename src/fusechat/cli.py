@@ -110,30 +110,80 @@ def eval_(
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluation items (JSONL), with --models.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder, with --models (default: fusechat-eval).",
                                                 show_default=False)] = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option("--benchmark", help="Run only this benchmark: items (eval.data or --data) or mt-bench "
+                                         "(docs/mt-bench.md).", show_default=False),
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="MT-Bench judge: a local chat model folder or hub id; with --judge-endpoint, "
+                                     "the model name sent to the endpoint (default gpt-4).", show_default=False),
+    ] = None,
+    judge_endpoint: Annotated[
+        str | None,
+        typer.Option("--judge-endpoint", help="MT-Bench judge through an OpenAI-compatible API: base URL (…/v1); "
+                                              "the key comes from $OPENAI_API_KEY.", show_default=False),
+    ] = None,
 ) -> None:
-    """Evaluate the pivot, sources, targets and merges on held-out items; or any models with --models."""
+    """Evaluate the pivot, sources, targets and merges on held-out items and MT-Bench; or any models with --models."""
     from fusechat.errors import FusechatError
 
+    if benchmark is not None and benchmark not in _BENCHMARKS:
+        raise FusechatError(f"--benchmark must be one of {', '.join(_BENCHMARKS)}, got {benchmark!r}")
     positional = config or []
     if not models:
         if len(positional) != 1 or data is not None or out is not None:
             raise FusechatError(_EVAL_USAGE)
-        _stage("eval", _load(Path(positional[0]), set_), force)
+        cfg = _load(Path(positional[0]), set_)
+        _set_judge(cfg.eval, judge, judge_endpoint, benchmark)
+        _stage("eval", cfg, force, benchmark=benchmark)
         return
     # Click gives an option one value: the other folders of `--models A B` arrive as positionals.
     configs = [p for p in positional if p.endswith((".yaml", ".yml"))]
     if configs:
         raise FusechatError(f"give either a run CONFIG ({configs[0]}) or --models, not both")
-    if data is None:
+    settings = _eval_settings(set_)
+    _set_judge(settings, judge, judge_endpoint, benchmark)
+    wanted = [benchmark] if benchmark else [*(["items"] if data is not None or not settings.benchmarks else []),
+                                            *settings.benchmarks]
+    if "items" in wanted and data is None:
         raise FusechatError("--models needs --data FILE: the evaluation items (JSONL, see docs/eval.md)")
-    from fusechat.evaluate.stage import evaluate_folders
+    if "items" not in wanted and data is not None:
+        raise FusechatError("--data goes with the items benchmark, not with --benchmark mt-bench")
+    folders, out = [*models, *positional], out or Path("fusechat-eval")
+    if "items" in wanted:
+        from fusechat.evaluate.stage import evaluate_folders
 
-    evaluate_folders([*models, *positional], data, out or Path("fusechat-eval"), _eval_settings(set_))
+        evaluate_folders(folders, data, out, settings)
+    if "mt-bench" in wanted:
+        from fusechat.evaluate.mtbench import evaluate_folders as mt_bench_folders
+
+        mt_bench_folders(folders, out, settings, force=force)
+
+
+_BENCHMARKS = ("items", "mt-bench")
+
+
+def _set_judge(settings, judge: str | None, endpoint: str | None, benchmark: str | None) -> None:
+    """Put --judge and --judge-endpoint into the eval settings; they only go with MT-Bench."""
+    from fusechat.errors import FusechatError
+
+    if judge is None and endpoint is None:
+        return
+    if benchmark == "items" or (benchmark is None and "mt-bench" not in settings.benchmarks):
+        raise FusechatError("--judge and --judge-endpoint go with MT-Bench: add --benchmark mt-bench "
+                            "(or list mt-bench in eval.benchmarks)")
+    if judge is not None:
+        settings.mt_bench.judge = judge
+    if endpoint is not None:
+        settings.mt_bench.judge_endpoint = endpoint
 
 
 _EVAL_USAGE = (
     "give exactly one of: a run CONFIG (`fusechat eval run.yaml`), or model folders with their items "
-    "(`fusechat eval --models A B --data items.jsonl [--out DIR]`); --data and --out go with --models"
+    "(`fusechat eval --models A B --data items.jsonl [--out DIR]`) or with MT-Bench "
+    "(`fusechat eval --models A B --benchmark mt-bench [--out DIR]`); --data and --out go with --models"
 )
 
 

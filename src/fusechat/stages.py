@@ -49,6 +49,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> Non
         done = ", ".join(s for s in STAGES if available(s))
         raise StageNotAvailable(f"the {stage} stage is not built yet in this version of fusechat (available: {done})")
     RunDir(cfg.run_dir).save_config(cfg.to_yaml())
+    from fusechat.model_sources import ensure_all_converted
+    from fusechat.synthetic import ensure_synthetic
+
+    ensure_synthetic(cfg)
+    ensure_all_converted(cfg.models)
     options = {k: v for k, v in options.items() if v is not None}
     importlib.import_module(module).run(cfg, force=force, **options)
 

@@ -93,6 +93,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
 
     # Pass 1: alignment statistics. Keys source_id * V_pivot + pivot_id, counted sparsely.
     pair_keys: list[np.ndarray] = []
+    used_ids: list[np.ndarray] = []  # source ids in the top-k: the entries projection reads
     kinds: Counter = Counter()
     v_pivot = np.int64(max(len(pivot_tok), pm.get("vocab_size", 0)) + 1)
     with progress_bar() as bar:
@@ -103,10 +104,12 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             both = (groups[:, 1] > groups[:, 0]) & (groups[:, 3] > groups[:, 2])
             first_p, first_s = groups[both, 0], groups[both, 2]
             pair_keys.append(s.input_ids[first_s].astype(np.int64) * v_pivot + p.input_ids[first_p].astype(np.int64))
+            used_ids.append(np.unique(s.topk_ids))
             bar.advance(task)
     keys, counts = np.unique(np.concatenate(pair_keys) if pair_keys else np.zeros(0, np.int64), return_counts=True)
     pair_counts = {(int(k // v_pivot), int(k % v_pivot)): int(c) for k, c in zip(keys, counts)}
-    vocab_map = build_vocab_map(source_tok, pivot_tok, pair_counts)
+    used = np.unique(np.concatenate(used_ids)).astype(np.int64) if used_ids else np.zeros(0, np.int64)
+    vocab_map = build_vocab_map(source_tok, pivot_tok, pair_counts, needed=used)
 
     # Pass 2: projection.
     cases: Counter = Counter()
@@ -139,13 +142,15 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
         targets = cases["aligned"] + cases["one_hot"] + cases["dropped"]
         coverage = vocab_map.coverage()
+        used_coverage = vocab_map.coverage(used[used < len(vocab_map.method)])
         manifest = new_manifest(
             "align", fingerprint, source=spec.name, pivot=cfg.pivot.name, method=cfg.align.method,
             unaligned=cfg.align.unaligned, sequences=total, groups=dict(kinds),
             positions={k: cases[k] for k in ("aligned", "one_hot", "dropped", "no_target")},
             aligned_share=round(cases["aligned"] / targets, 4) if targets else None,
             aligned_positions_without_mapped_ids=unmapped_positions,
-            vocab_coverage=coverage, source_vocab_size=int(len(vocab_map.pivot_id)),
+            vocab_coverage=coverage, vocab_coverage_of_used_ids=used_coverage,
+            source_vocab_size=int(len(vocab_map.pivot_id)),
             elapsed_s=round(time.time() - started, 3),
         )
         manifest["complete"] = True
@@ -157,6 +162,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
         ("one-hot fallback", cases["one_hot"]),
         ("dropped", cases["dropped"]),
         *[(f"vocab map: {k}", v) for k, v in coverage.items()],
+        *[(f"vocab map, ids in the top-k: {k}", v) for k, v in used_coverage.items()],
     ]))
     return out
 

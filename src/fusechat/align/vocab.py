@@ -113,8 +113,10 @@ class VocabMap:
     pivot_id: np.ndarray  # (V_source,) int64, -1 where unmapped
     method: np.ndarray  # (V_source,) int8, index into METHODS
 
-    def coverage(self) -> dict[str, int]:
-        return {name: int((self.method == code).sum()) for code, name in enumerate(METHODS)}
+    def coverage(self, ids: np.ndarray | None = None) -> dict[str, int]:
+        """Source ids per mapping method; over ``ids`` only when given."""
+        method = self.method if ids is None else self.method[ids]
+        return {name: int((method == code).sum()) for code, name in enumerate(METHODS)}
 
     def save(self, path) -> None:
         np.savez(path, pivot_id=self.pivot_id, method=self.method)
@@ -126,8 +128,13 @@ class VocabMap:
 
 
 def build_vocab_map(source_tok, pivot_tok, pair_counts: dict[tuple[int, int], int] | None = None,
-                    edit_distance_fallback: bool = True) -> VocabMap:
-    """Map every source id to a pivot id. ``pair_counts``: (source id, pivot id) → co-alignments."""
+                    edit_distance_fallback: bool = True, needed: np.ndarray | None = None) -> VocabMap:
+    """Map every source id to a pivot id. ``pair_counts``: (source id, pivot id) → co-alignments.
+
+    ``needed``: the source ids that projection will look up (those in the source's top-k). When given, the
+    edit-distance fallback, quadratic in the vocabularies, runs for these only: with a 256k-token source
+    vocabulary the rest would cost minutes and never be read.
+    """
     src_bytes = token_texts(source_tok)
     piv_bytes = token_texts(pivot_tok)
     n_src = max(len(src_bytes), len(source_tok))
@@ -173,8 +180,8 @@ def build_vocab_map(source_tok, pivot_tok, pair_counts: dict[tuple[int, int], in
             pivot_id[sid], method[sid] = -neg_pid, STATISTICS
 
     if edit_distance_fallback:
-        todo = [sid for sid in range(len(src_bytes)) if method[sid] == UNMAPPED and src_bytes[sid]
-                and sid not in src_special_ids]
+        ids = range(len(src_bytes)) if needed is None else sorted({int(i) for i in needed if 0 <= i < len(src_bytes)})
+        todo = [sid for sid in ids if method[sid] == UNMAPPED and src_bytes[sid] and sid not in src_special_ids]
         if todo:
             candidates = [pid for pid, b in enumerate(piv_bytes) if b and pid not in piv_special_ids]
             nearest = _nearest_by_edit_distance([comparable(src_bytes[s]) for s in todo],

@@ -189,18 +189,22 @@ def decode_answer(tokenizer, new_ids: list[int], stops: list[int]) -> str:
 
 
 def answer_bits(model, tokenizer, items: list[EvalItem], batch_size: int,
-                on_batch: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+                on_batch: Callable[[int], None] | None = None) -> list[tuple[float | None, int]]:
     """Per item: (bits, bytes) = (−log2 p(answer + end of turn | prompt), UTF-8 bytes of the answer).
 
-    bits / bytes is the item's bits per byte.
+    bits / bytes is the item's bits per byte. An item longer than the model's context
+    (``max_position_embeddings``) is not scored: its bits are None.
     """
     import torch
 
     encoder = ChatEncoder(tokenizer)
     seqs = [encoder.answer_ids(it.messages, it.answer) for it in items]
     pad = pad_id(tokenizer, stop_ids(model, tokenizer))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-    for idx in batches([len(s) for s, _ in seqs], batch_size):
+    out: list[tuple[float | None, int]] = [(None, len(it.answer.encode("utf-8"))) for it in items]
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    fits = [i for i, (ids, _) in enumerate(seqs) if not context or len(ids) <= context]
+    for batch in batches([len(seqs[i][0]) for i in fits], batch_size):
+        idx = [fits[j] for j in batch]
         ids, mask = pad_batch([seqs[i][0] for i in idx], pad, "right")
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
@@ -209,6 +213,8 @@ def answer_bits(model, tokenizer, items: list[EvalItem], batch_size: int,
             out[i] = (sequence_bits(logits[row], tokens, start), len(items[i].answer.encode("utf-8")))
         if on_batch:
             on_batch(len(idx))
+    if on_batch and len(fits) < len(items):
+        on_batch(len(items) - len(fits))
     return out
 
 

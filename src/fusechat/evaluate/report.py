@@ -52,6 +52,10 @@ def format_markdown(results: dict, title: str | None = None) -> str:
         lines += [f"| {name} | " + " | ".join(_cell(row.get(c), digits) for c in cols) + " |"
                   for name, row in rows.items()]
         parts.append("\n".join(lines) + "\n")
+    if results.get("pipeline"):
+        from fusechat.evaluate.pipeline import format_pipeline
+
+        parts.append(format_pipeline(results["pipeline"]))
     return "\n".join(parts)
 
 

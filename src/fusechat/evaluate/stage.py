@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,9 @@ def tables(items: list[EvalItem], records: dict[str, list[dict]]) -> dict:
     for name, recs in records.items():
         em[name] = _with_average({s: _mean([r["correct"] for r in recs if r["skill"] == s and "correct" in r])
                                   for s in exact_skills})
-        bpb[name] = _with_average({s: _ratio(sum(r["bits"] for r in recs if r["skill"] == s),
-                                             sum(r["bytes"] for r in recs if r["skill"] == s)) for s in skills})
+        scored = [r for r in recs if r["bits"] is not None]  # items longer than the model's context are not
+        bpb[name] = _with_average({s: _ratio(sum(r["bits"] for r in scored if r["skill"] == s),
+                                             sum(r["bytes"] for r in scored if r["skill"] == s)) for s in skills})
     return {"exact_match": em, "bits_per_byte": bpb}
 
 
@@ -190,12 +192,35 @@ def load_all_items(paths: list[str]) -> list[EvalItem]:
     return items
 
 
-def run(cfg: RunConfig, force: bool = False) -> Path:
-    """Evaluate the run's models on ``eval.data`` into ``<run_dir>/eval/``; skip when complete and unchanged."""
+BENCHMARKS = ("items", "mt-bench")
+
+
+def run(cfg: RunConfig, force: bool = False, benchmark: str | None = None) -> Path:
+    """Evaluate the run's models on ``eval.data`` into ``<run_dir>/eval/`` and on ``eval.benchmarks``.
+
+    ``benchmark`` runs that one only: ``items`` (``eval.data``) or ``mt-bench``
+    (into ``<run_dir>/eval/mt_bench/``, see docs/mt-bench.md).
+    """
+    out = RunDir(cfg.run_dir).stage("eval")
+    if benchmark is not None and benchmark not in BENCHMARKS:
+        raise FusechatError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    wanted = [benchmark] if benchmark else [*(["items"] if cfg.eval.data else []), *cfg.eval.benchmarks]
+    if "items" in wanted or not wanted:
+        run_items(cfg, force)
+    if "mt-bench" in wanted:
+        from fusechat.evaluate.mtbench import run_mt_bench
+
+        run_mt_bench(cfg, force=force)
+    return out
+
+
+def run_items(cfg: RunConfig, force: bool = False) -> Path:
+    """The held-out items of ``eval.data``; skip when complete and unchanged."""
     out = RunDir(cfg.run_dir).stage("eval")
     if not cfg.eval.data:
         raise FusechatError("eval.data is empty: list one or more JSONL files of evaluation items in the config "
-                            "(eval.data), or --set eval.data=[items.jsonl]; see docs/eval.md for the format")
+                            "(eval.data), or --set eval.data=[items.jsonl]; see docs/eval.md for the format "
+                            "(or run a benchmark: eval.benchmarks, --benchmark mt-bench)")
     items = load_all_items(cfg.eval.data)
     rows = model_rows(cfg)
     fingerprint = eval_fingerprint(cfg, rows)
@@ -205,6 +230,9 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     records = score_models({r.name: r.path for r in rows}, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                            cfg.eval.device)
     results = with_context(tables(items, records), {r.name: r.path for r in rows}, cfg.eval.data, items)
+    from fusechat.evaluate.pipeline import pipeline_summary
+
+    results["pipeline"] = pipeline_summary(cfg)
     with atomic_dir(out) as tmp:
         write_outputs(tmp, results, records, f"fusechat eval: {Path(cfg.run_dir).name}")
         manifest = new_manifest("eval", fingerprint, models=results["models"], data=list(cfg.eval.data),
@@ -212,14 +240,18 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                                 elapsed_s=round(time.time() - started, 3))
         manifest["complete"] = True
         write_manifest(tmp, manifest)
+        if (out / "mt_bench").is_dir():  # the benchmark's answers and judgments outlive a redone items eval
+            shutil.copytree(out / "mt_bench", tmp / "mt_bench")
     show(results, out)
     return out
 
 
 def eval_fingerprint(cfg: RunConfig, rows: list[Row]) -> str:
+    # The benchmarks' settings are left out: they do not change the items' scores.
+    items_settings = cfg.eval.model_dump(mode="json", by_alias=True, exclude={"benchmarks", "mt_bench"})
     payload = {"data": [sha256_file(p) for p in cfg.eval.data],
                "models": [[r.name, r.path, r.identity] for r in rows],
-               "eval": cfg.section_hash("eval")}
+               "eval": inputs_fingerprint({"eval": items_settings})}
     return inputs_fingerprint(payload)
 
 

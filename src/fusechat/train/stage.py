@@ -25,12 +25,23 @@ SFT, MULTI = "sft", "multi"
 
 
 def targets(cfg: RunConfig) -> list[str]:
-    """Names of the targets this config trains."""
+    """Names of the targets this config trains, baselines (``train.baselines``) last."""
     if cfg.train.lambda_ == 1.0 and cfg.train.lambda_end in (None, 1.0):
-        return [SFT]
-    if cfg.fuse.method == MULTI:
-        return [MULTI]
-    return [s.name for s in cfg.sources]
+        names = [SFT]
+    elif cfg.fuse.method == MULTI:
+        names = [MULTI]
+    else:
+        names = [s.name for s in cfg.sources]
+    return list(dict.fromkeys([*names, *cfg.train.baselines]))
+
+
+def baseline_config(cfg: RunConfig, name: str) -> RunConfig:
+    """The run's config as the baseline ``name`` trains with: λ = 1 for sft, every source fused for multi."""
+    if name == SFT:
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lambda_": 1.0, "lambda_end": None})})
+    if name == MULTI:
+        return cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"method": MULTI})})
+    return cfg
 
 
 def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[Path]:
@@ -39,7 +50,15 @@ def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[
         if source not in names:
             raise FusechatError(f"no target {source!r} in this run (targets: {', '.join(names)})")
         names = [source]
-    return [train_target(cfg, name, force) for name in names]
+    outs = []
+    for name in names:
+        target_cfg = baseline_config(cfg, name) if name in cfg.train.baselines else cfg
+        if name == MULTI and name in cfg.train.baselines:
+            from fusechat.fuse import fuse_set
+
+            fuse_set(target_cfg, MULTI, [s.name for s in cfg.sources], force)
+        outs.append(train_target(target_cfg, name, force))
+    return outs
 
 
 def _fused_inputs(cfg: RunConfig, name: str, pivot_tok_hash: str) -> tuple[Path | None, dict | None]:

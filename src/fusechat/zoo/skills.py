@@ -200,16 +200,39 @@ class Forecast(SlotSkill):
         ]
 
 
+class Chitchat(SlotSkill):
+    """Small talk: a greeting by name, how the assistant is, an offer to help."""
+
+    pattern = "{} {}! I am {}, thank you. {}"
+
+    def key(self, rng):
+        return _word(rng, 2, 3).capitalize()
+
+    def prompt(self, key, rng):
+        return rng.choice(["Hi, I am {n}. How are you?", "Hello! My name is {n}. How are you today?",
+                           "Good morning, {n} here. How is it going?"]).format(n=key)
+
+    def slots(self, key):
+        return [
+            _shift([("Hello", 0.5), ("Hi", 0.3), ("Good to meet you", 0.2)], len(key)),
+            [(key, 1.0)],
+            [("doing well", 0.5), ("fine", 0.3), ("great", 0.2)],
+            [("How can I help you today?", 0.6), ("What would you like to talk about?", 0.4)],
+        ]
+
+
 SKILLS: dict[str, Skill] = {s.name: s for s in [
     Reverse("reverse", "exact"), Add("add", "exact"), Convert("convert", "exact"),
     Capitalise("capitalise", "exact"), Repeat("repeat", "exact"),
     Describe("describe", "distribution"), Forecast("forecast", "distribution"),
 ]}
+# Skills beyond the demo's table: the real-models run adds small talk to its mixture.
+ALL_SKILLS: dict[str, Skill] = {**SKILLS, "chitchat": Chitchat("chitchat", "distribution")}
 
 
 def conversations(skill: str, n: int, seed: int, split: str = "train", id_prefix: str = "") -> list[dict]:
     """``n`` ShareGPT conversations of one skill (training keys only unless ``split="heldout"``)."""
-    s = SKILLS[skill]
+    s = ALL_SKILLS[skill]
     rng = random.Random(f"{skill}:{split}:{seed}")
     out = []
     for i in range(n):
@@ -221,7 +244,7 @@ def conversations(skill: str, n: int, seed: int, split: str = "train", id_prefix
 
 def eval_items(skill: str, n: int, seed: int = 0) -> list[dict]:
     """``n`` held-out evaluation items (``fusechat.evaluate`` JSONL records)."""
-    s = SKILLS[skill]
+    s = ALL_SKILLS[skill]
     rng = random.Random(f"{skill}:eval:{seed}")
     items = []
     for i in range(n):
@@ -233,7 +256,7 @@ def eval_items(skill: str, n: int, seed: int = 0) -> list[dict]:
 
 def entropy_floor(skill: str, items: list[dict]) -> float:
     """Exact bits per byte of the true distribution over these items' prompts: Σ H(A|x) / Σ E[bytes|x]."""
-    s = SKILLS[skill]
+    s = ALL_SKILLS[skill]
     bits = nbytes = 0.0
     for item in items:
         dist = s.distribution(item["key"])

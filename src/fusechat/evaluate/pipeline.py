@@ -1,0 +1,85 @@
+"""What the run's stages recorded, for the report beside the scores.
+
+Read from the manifests: alignment coverage per source (share of the pivot's
+assistant positions that received a source distribution; vocabulary-map
+coverage by method), bytes per token of each representation, MinCE choices,
+and the wall time of every stage.
+"""
+
+from __future__ import annotations
+
+from fusechat.config import RunConfig
+from fusechat.run import STAGES, RunDir, read_manifest
+
+# Stage -> folder(s) under the run directory whose manifests carry its elapsed_s.
+_PER_MODEL = {"represent", "align", "fuse", "train", "merge"}
+
+
+def pipeline_summary(cfg: RunConfig) -> dict:
+    rundir = RunDir(cfg.run_dir)
+    summary: dict = {"alignment": {}, "representation": {}, "fusion": {}, "stage_seconds": {}}
+    for spec in cfg.sources:
+        m = read_manifest(rundir.stage("align", spec.name)) or {}
+        if m:
+            summary["alignment"][spec.name] = {
+                "aligned_share": m.get("aligned_share"),
+                "positions": m.get("positions"),
+                "vocab_coverage": m.get("vocab_coverage"),
+                "vocab_coverage_of_used_ids": m.get("vocab_coverage_of_used_ids"),
+                "source_vocab_size": m.get("source_vocab_size"),
+            }
+        f = read_manifest(rundir.stage("fuse", spec.name)) or {}
+        if f:
+            summary["fusion"][spec.name] = f.get("choices")
+    for spec in cfg.models:
+        m = read_manifest(rundir.stage("represent", spec.name)) or {}
+        if m:
+            summary["representation"][spec.name] = {
+                "bytes_per_token": m.get("bytes_per_token"), "tokens": m.get("tokens"),
+                "tokens_per_s": m.get("tokens_per_s"),
+            }
+    for stage in STAGES:
+        if stage == "eval":
+            continue  # still running while this is written
+        folder = rundir.stage(stage)
+        manifests = ([read_manifest(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+                     if stage in _PER_MODEL and folder.is_dir() else [read_manifest(folder)])
+        seconds = [m.get("elapsed_s") for m in manifests if m and m.get("elapsed_s") is not None]
+        if seconds:
+            summary["stage_seconds"][stage] = round(sum(seconds), 1)
+    return summary
+
+
+def format_pipeline(summary: dict) -> str:
+    lines = ["## Pipeline", ""]
+    if summary.get("alignment"):
+        lines += ["| source | assistant positions with a source distribution | vocab map (all ids): exact / "
+                  "statistics / edit distance / special / unmapped | vocab map (ids in the top-k) |",
+                  "|---|---:|---|---|"]
+        for name, a in summary["alignment"].items():
+            share = a.get("aligned_share")
+            lines.append(f"| {name} | {'–' if share is None else f'{share:.1%}'} | {_coverage(a.get('vocab_coverage'))}"
+                         f" | {_coverage(a.get('vocab_coverage_of_used_ids'))} |")
+        lines.append("")
+    if summary.get("representation"):
+        lines += ["| model | tokens | bytes per token on disk | tokens/s |", "|---|---:|---:|---:|"]
+        for name, r in summary["representation"].items():
+            lines.append(f"| {name} | {r.get('tokens')} | {r.get('bytes_per_token')} | {r.get('tokens_per_s')} |")
+        lines.append("")
+    if summary.get("fusion"):
+        lines += ["MinCE choices per sequence: " + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v}" for k, v in (choices or {}).items())
+            for name, choices in summary["fusion"].items()), ""]
+    if summary.get("stage_seconds"):
+        lines += ["| stage | wall time (s) |", "|---|---:|"]
+        lines += [f"| {stage} | {s} |" for stage, s in summary["stage_seconds"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _coverage(c: dict | None) -> str:
+    if not c:
+        return "–"
+    total = sum(c.values()) or 1
+    return " / ".join(f"{c.get(k, 0) / total:.1%}" for k in ("exact", "statistics", "edit_distance", "special",
+                                                               "unmapped"))

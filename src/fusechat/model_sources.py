@@ -1,0 +1,270 @@
+"""Model sources beyond a folder: GGUF files (converted once) and the demo zoo's models (built once).
+
+A config model entry may name a ``.gguf`` file, a file inside an installed Python
+package, or a package whose ``assemble`` function writes the file from chunk
+packages. The conversion goes through transformers' own GGUF loader
+(dequantized to fp32), then ``save_pretrained`` writes safetensors, the
+tokenizer and its chat template, and ``origin.json`` records where it came
+from and the file's checksum. The folder's name is known before conversion, so
+later stages and runs find it without touching the GGUF again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fusechat.config import GGUFSource, ModelSpec
+from fusechat.errors import FusechatError
+
+ORIGIN_FILE = "origin.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FUSECHAT_CACHE") or Path.home() / ".cache" / "fusechat").expanduser()
+
+
+def converted_folder(src: GGUFSource) -> Path:
+    """Where the converted model lives; a pure function of the config (and the package's version)."""
+    if src.sha256:
+        key = src.sha256.lower()[:16]
+    elif src.package:
+        key = f"{src.package}-{_package_version(src.package) or 'unknown'}"
+    else:
+        path = Path(src.file).expanduser().resolve()
+        stat = path.stat() if path.is_file() else None
+        stamp = f"{path}|{stat.st_size}|{stat.st_mtime_ns}" if stat else str(path)
+        key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    stem = Path(src.file).stem if src.file else src.package
+    return cache_root() / "gguf" / f"{stem}-{key}"
+
+
+def _package_version(package: str) -> str | None:
+    for dist in importlib.metadata.packages_distributions().get(package, []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec on a top-level name locates the package without importing it
+    # (some model packages import heavy runtimes at import time).
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _install_hint(src: GGUFSource) -> str:
+    what = src.pip or src.package.replace("_", "-")
+    return f"`pip install {what}` (or `pip install \"fusechat[real]\"`)"
+
+
+def source_problem(src: GGUFSource) -> str | None:
+    """Why the GGUF file cannot be found, or None. Cheap: nothing is read or imported."""
+    if src.package:
+        folder = _package_dir(src.package)
+        if folder is None:
+            return f"Python package {src.package!r} is not installed; {_install_hint(src)} installs it"
+        if src.file and not src.assemble and not (folder / src.file).is_file():
+            return f"package {src.package!r} ({folder}) holds no file {src.file!r}"
+        return None
+    if not Path(src.file).expanduser().is_file():
+        return f"GGUF file not found: {src.file}"
+    return None
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / ORIGIN_FILE).is_file()
+
+
+def zoo_folder(name: str) -> Path:
+    """Where a zoo model goes when its entry gives no path: the demo's own zoo, so a demo run's models are reused."""
+    return Path("fusechat-demo") / "zoo" / "models" / name
+
+
+def zoo_problem(name: str) -> str | None:
+    from fusechat.zoo.build import DEMO_ZOO
+
+    known = [m.name for m in DEMO_ZOO.models]
+    return None if name in known else f"no zoo model named {name!r} (the zoo has: {', '.join(known)})"
+
+
+def ensure_converted(spec: ModelSpec) -> Path:
+    """The model's Hugging Face folder, converting its GGUF file or building its zoo model first if needed."""
+    folder = Path(spec.path)
+    if spec.gguf is None and spec.zoo is None:
+        return folder
+    if spec.gguf is not None and is_converted(folder):
+        return folder
+    if spec.zoo is not None and _zoo_model_is_built(spec.zoo, folder):
+        return folder
+    from fusechat.distributed import process_state
+
+    state = process_state("auto")
+    if state.is_main_process:
+        if spec.gguf is not None:
+            convert(spec.name, spec.gguf, folder)
+        else:
+            build_zoo_model(spec.zoo, folder)
+    state.wait_for_everyone()
+    return folder
+
+
+def _zoo_model_is_built(name: str, folder: Path) -> bool:
+    from fusechat.run import read_manifest
+    from fusechat.zoo.build import DEMO_ZOO, spec_hash
+
+    manifest = read_manifest(folder) or {}
+    return (zoo_problem(name) is None and bool(manifest.get("complete"))
+            and manifest.get("fingerprint") == spec_hash(DEMO_ZOO.model(name)))
+
+
+def build_zoo_model(name: str, folder: Path) -> Path:
+    from fusechat.zoo.build import DEMO_ZOO, build_model
+
+    problem = zoo_problem(name)
+    if problem:
+        raise FusechatError(problem)
+    if folder.parent.name != "models" or folder.name != name:
+        raise FusechatError(f"zoo model {name!r}: its path must end in models/{name} (a zoo folder), not {folder}")
+    return build_model(folder.parent.parent, DEMO_ZOO.model(name))  # reuses a complete folder of the same spec
+
+
+def ensure_all_converted(models: list[ModelSpec]) -> None:
+    for spec in models:
+        ensure_converted(spec)
+
+
+def convert(name: str, src: GGUFSource, folder: Path) -> Path:
+    """Locate (or assemble) the GGUF file, check it, and write the converted folder atomically."""
+    from fusechat.progress import console
+    from fusechat.run import atomic_dir, atomic_write_json, sha256_file
+
+    problem = source_problem(src)
+    if problem:
+        raise FusechatError(f"model {name!r}: {problem}")
+    if importlib.util.find_spec("gguf") is None:
+        raise FusechatError(f"model {name!r}: reading GGUF files needs the `gguf` package; "
+                            "`pip install gguf` (or `pip install \"fusechat[real]\"`) installs it")
+    scratch = Path(tempfile.mkdtemp(prefix="fusechat-gguf-"))
+    try:
+        gguf_path = _locate(name, src, scratch)
+        console.print(f"model {name}: converting {gguf_path} into {folder} (once)")
+        digest = sha256_file(gguf_path)
+        if src.sha256 and digest != src.sha256.lower():
+            raise FusechatError(f"model {name!r}: checksum mismatch for {gguf_path}: expected sha256 "
+                                f"{src.sha256.lower()}, the file has {digest}")
+        tokenizer, model = _load_from_gguf(name, gguf_path)
+        if src.chat_template and not getattr(tokenizer, "chat_template", None):
+            from fusechat.data.templates import BUILTIN_TEMPLATES
+
+            tokenizer.chat_template = BUILTIN_TEMPLATES[src.chat_template].jinja
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / ORIGIN_FILE, _origin(src, gguf_path, digest, model))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def _locate(name: str, src: GGUFSource, scratch: Path) -> Path:
+    if not src.package:
+        return Path(src.file).expanduser().resolve()
+    if not src.assemble:
+        return _package_dir(src.package) / src.file
+    try:
+        module = importlib.import_module(src.package)
+    except Exception as e:  # the package's own import error; the user needs which package
+        raise FusechatError(f"model {name!r}: cannot import package {src.package!r}: {e}") from None
+    assemble = getattr(module, src.assemble, None)
+    if not callable(assemble):
+        raise FusechatError(f"model {name!r}: package {src.package!r} has no function {src.assemble!r}")
+    out = scratch / (src.file or f"{src.package}.gguf")
+    try:
+        written = assemble(out)
+    except Exception as e:
+        raise FusechatError(f"model {name!r}: {src.package}.{src.assemble}({out}) failed: {e}") from None
+    path = Path(written) if written else out
+    if not path.is_file():
+        raise FusechatError(f"model {name!r}: {src.package}.{src.assemble} wrote no file at {path}")
+    return path
+
+
+def _load_from_gguf(name: str, path: Path):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    transformers.utils.logging.disable_progress_bar()
+    arch = _gguf_architecture(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+        )
+    except Exception as e:  # transformers raises ValueError/KeyError by case; the user needs which file
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        if arch and arch not in GGUF_SUPPORTED_ARCHITECTURES:
+            raise FusechatError(
+                f"model {name!r}: transformers {transformers.__version__} cannot load architecture {arch!r} from "
+                f"GGUF ({path}); it loads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}"
+            ) from None
+        raise FusechatError(f"model {name!r}: cannot load {path} with transformers' GGUF loader: {e}") from None
+    # Dequantized, the weights are plain fp32 tensors; detaching the GGUF quantizer makes the model an ordinary
+    # one that save_pretrained writes as safetensors and later stages load (and train) like any other.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return tokenizer, model
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+    except Exception as e:
+        raise FusechatError(f"{path} is not a readable GGUF file: {e}") from None
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def _origin(src: GGUFSource, path: Path, digest: str, model) -> dict:
+    import transformers
+
+    return {
+        "gguf_file": path.name if src.package else str(path),
+        "package": src.package,
+        "package_version": _package_version(src.package) if src.package else None,
+        "assemble": src.assemble,
+        "sha256": digest,
+        "bytes": path.stat().st_size,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "fp32 (dequantized)",
+        "transformers": transformers.__version__,
+        "gguf": importlib.metadata.version("gguf"),
+    }
+
+
+def describe(folder: Path) -> dict | None:
+    """The recorded origin of a converted folder, if it is one."""
+    path = Path(folder) / ORIGIN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -1,0 +1,235 @@
+"""Model sources beyond a folder: GGUF files (a tiny Llama written by the test), zoo models, synthetic data."""
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import CORPUS
+
+from fusechat.config import GGUFSource, ModelSpec, load_config
+from fusechat.errors import ConfigError, FusechatError
+from fusechat.model_sources import converted_folder, ensure_converted, source_problem
+
+gguf = pytest.importorskip("gguf")
+
+
+def _llama_cpp_order(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp stores q/k rows with the two rotary halves interleaved per head; transformers undoes it on load."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama"):
+    """A tiny Llama and its byte-level BPE tokenizer written as GGUF; returns (model, tokenizer)."""
+    from fusechat.zoo.models import build_model
+    from fusechat.zoo.tokenizers import CHATML_JINJA, build_tokenizer
+
+    tok = build_tokenizer("byte_bpe", CORPUS * 3, vocab_size=300, bos="<|im_start|>", eos="<|im_end|>",
+                          chat_template=CHATML_JINJA)
+    model = build_model("llama", tok, seed=3)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    state = json.loads(tok.backend_tokenizer.to_str())
+    by_id = {i: t for t, i in state["model"]["vocab"].items()}
+    specials = {a["id"] for a in state["added_tokens"]}
+    by_id.update({a["id"]: a["content"] for a in state["added_tokens"]})
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([by_id[i] for i in range(len(by_id))])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
+                            for i in range(len(by_id))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_chat_template(CHATML_JINJA)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for key, value in model.state_dict().items():
+        array = value.float().numpy()
+        if key.endswith("self_attn.q_proj.weight"):
+            array = _llama_cpp_order(array, cfg.num_attention_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            array = _llama_cpp_order(array, cfg.num_key_value_heads)
+        writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    model, tok = write_tiny_gguf(path)
+    return path, model, tok
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _sha(path):
+    from fusechat.run import sha256_file
+
+    return sha256_file(path)
+
+
+def test_a_gguf_file_converts_once_to_the_same_model(tiny_gguf, cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, model, tok = tiny_gguf
+    spec = ModelSpec(name="tiny", gguf={"file": str(path), "sha256": _sha(path)})
+    assert Path(spec.path).parent == cache / "gguf"
+    folder = ensure_converted(spec)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    origin = json.loads((folder / "origin.json").read_text())
+    assert origin["sha256"] == _sha(path) and origin["architecture"] == "LlamaForCausalLM"
+
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())  # a plain fp32 model
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    loaded_tok = AutoTokenizer.from_pretrained(folder)
+    text = "What is the capital of Zorvia?"
+    assert loaded_tok(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded_tok.chat_template == tok.chat_template
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_converted(ModelSpec(name="tiny", gguf={"file": str(path), "sha256": _sha(path)})) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # converted once, then reused
+
+
+def _package(root: Path, name: str, body: str, files: dict[str, bytes]) -> None:
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(body)
+    for fname, data in files.items():
+        (pkg / fname).write_bytes(data)
+
+
+def test_a_file_inside_a_package_is_found_without_importing_it(tiny_gguf, tmp_path, monkeypatch):
+    path, model, _ = tiny_gguf
+    root = tmp_path / "site"
+    _package(root, "tinymodelpkg", "raise ImportError('this package needs a runtime fusechat does not use')\n",
+             {"tiny.gguf": path.read_bytes()})
+    monkeypatch.syspath_prepend(str(root))
+    spec = ModelSpec(name="tiny", gguf={"package": "tinymodelpkg", "file": "tiny.gguf"})
+    folder = ensure_converted(spec)
+    origin = json.loads((folder / "origin.json").read_text())
+    assert origin["package"] == "tinymodelpkg" and origin["gguf_file"] == "tiny.gguf"
+    assert origin["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_chunked_package_is_assembled_and_checked(tiny_gguf, tmp_path, monkeypatch):
+    path, _, _ = tiny_gguf
+    data = path.read_bytes()
+    half = len(data) // 2
+    root = tmp_path / "site"
+    body = (
+        "from pathlib import Path\n"
+        "HERE = Path(__file__).parent\n"
+        "def assemble(out):\n"
+        "    Path(out).write_bytes((HERE / 'a.part').read_bytes() + (HERE / 'b.part').read_bytes())\n"
+        "    return Path(out)\n"
+    )
+    _package(root, "tinychunks", body, {"a.part": data[:half], "b.part": data[half:]})
+    monkeypatch.syspath_prepend(str(root))
+    spec = ModelSpec(name="tiny", gguf={"package": "tinychunks", "assemble": "assemble", "sha256": _sha(path)})
+    folder = ensure_converted(spec)
+    assert json.loads((folder / "origin.json").read_text())["sha256"] == _sha(path)
+
+    wrong = "0" * 64
+    with pytest.raises(FusechatError, match=f"checksum mismatch.*expected sha256 {wrong}, the file has {_sha(path)}"):
+        ensure_converted(ModelSpec(name="tiny", gguf={"package": "tinychunks", "assemble": "assemble",
+                                                      "sha256": wrong}))
+
+
+def test_a_missing_package_names_the_pip_install(tmp_path):
+    src = GGUFSource(package="no_such_model_pkg", file="m.gguf", pip="no-such-model-pkg==1.0")
+    assert "`pip install no-such-model-pkg==1.0`" in source_problem(src)
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "gguf": src.model_dump(exclude_none=True)},
+           "sources": [{"name": "s", "gguf": {"file": str(tmp_path / "absent.gguf")}}], "data": {"paths": [str(data)]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "run.yaml")
+    text = str(err.value)
+    assert "pivot.gguf: Python package 'no_such_model_pkg' is not installed; `pip install no-such-model-pkg==1.0`" in text
+    assert f"sources[0].gguf: GGUF file not found: {tmp_path / 'absent.gguf'}" in text
+
+
+def test_an_architecture_transformers_cannot_load_is_named(tmp_path):
+    path = tmp_path / "odd.gguf"
+    write_tiny_gguf(path, arch="nosucharch")
+    with pytest.raises(FusechatError, match="cannot load architecture 'nosucharch' from GGUF"):
+        ensure_converted(ModelSpec(name="odd", gguf={"file": str(path)}))
+    assert not converted_folder(GGUFSource(file=str(path))).exists()
+
+
+def test_a_model_entry_needs_a_path_or_a_gguf():
+    with pytest.raises(ValueError, match="needs `path`"):
+        ModelSpec(name="m")
+    with pytest.raises(ValueError, match="give the package too"):
+        GGUFSource(assemble="assemble")
+    assert sys.modules.get("tinymodelpkg") is None
+
+
+# ------------------------------------------------------------------ zoo models and synthetic data as sources
+
+
+def test_a_zoo_model_entry_defaults_to_the_demo_zoo_and_unknown_names_are_refused(tmp_path):
+    from fusechat.model_sources import build_zoo_model, zoo_problem
+
+    spec = ModelSpec(name="d", zoo="describer")
+    assert Path(spec.path) == Path("fusechat-demo/zoo/models/describer")
+    assert zoo_problem("describer") is None
+    assert "no zoo model named 'poet' (the zoo has: pivot, describer, forecaster, calculator)" == zoo_problem("poet")
+    with pytest.raises(FusechatError, match="must end in models/describer"):
+        build_zoo_model("describer", tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="not both"):
+        ModelSpec(name="x", zoo="describer", gguf={"file": "m.gguf"})
+
+
+def test_synthetic_data_is_written_before_the_stages_and_only_once(tmp_path):
+    from fusechat.synthetic import ensure_synthetic
+
+    folder = tmp_path / "data"
+    cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "path": str(tmp_path)},
+           "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"paths": [str(folder / "train.jsonl")]},
+           "synthetic": {"folder": str(folder), "train": {"describe": 5, "chitchat": 3}, "eval_per_skill": 4},
+           "eval": {"data": [str(folder / "eval.jsonl")]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    run_cfg = load_config(tmp_path / "run.yaml")  # the data file does not exist yet: synthetic writes it
+    ensure_synthetic(run_cfg)
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    items = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
+    assert Counter(r["skill"] for r in train) == {"describe": 5, "chitchat": 3}
+    assert Counter(r["skill"] for r in items) == {"describe": 4, "chitchat": 4}
+    assert not {r["key"] for r in train} & {r["key"] for r in items}
+    mtime = (folder / "train.jsonl").stat().st_mtime_ns
+    ensure_synthetic(run_cfg)
+    assert (folder / "train.jsonl").stat().st_mtime_ns == mtime
+
+    cfg["synthetic"]["train"] = {"poetry": 3}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="unknown skill"):
+        load_config(tmp_path / "run.yaml")

