@@ -26,3 +26,19 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path):
     for name in ("results.md", "results.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "entropy floor" in (tmp_path / "eval" / "results.md").read_text()
+    # what the stages recorded, read back from their manifests beside the scores
+    pipeline = results["pipeline"]
+    run = tmp_path / "run"
+    for source in ("describer", "converter"):
+        manifest = json.loads((run / "align" / source / "manifest.json").read_text())
+        assert pipeline["alignment"][source]["aligned_share"] == manifest["aligned_share"]
+        assert sum(pipeline["alignment"][source]["vocab_coverage"].values()) == manifest["source_vocab_size"]
+        fused = json.loads((run / "fuse" / source / "manifest.json").read_text())
+        assert pipeline["fusion"][source] == fused["choices"]
+    for model in ("pivot", "describer", "converter"):
+        manifest = json.loads((run / "represent" / model / "manifest.json").read_text())
+        assert pipeline["representation"][model]["bytes_per_token"] == manifest["bytes_per_token"]
+    trained = [json.loads((run / "targets" / t / "manifest.json").read_text())["elapsed_s"]
+               for t in ("describer", "converter", "sft", "multi")]
+    assert pipeline["stage_seconds"]["train"] == round(sum(trained), 1)
+    assert "## Pipeline" in (tmp_path / "eval" / "results.md").read_text()

@@ -375,3 +375,12 @@ def test_config_eval_section_is_documented_and_validated(tmp_path, zoo):
     with pytest.raises(Exception, match="eval.batch_size"):
         load_config(config)
     assert yaml.safe_load(load_config(write_config(tmp_path, zoo)).to_yaml())["eval"]["device"] == "cpu"
+
+
+def test_prompts_are_fitted_to_the_context_as_fastchat_does():
+    from fusechat.evaluate.metrics import fit_to_context
+
+    prompts = [list(range(10)), list(range(3))]
+    assert fit_to_context(prompts, 4, None) == (prompts, 4)
+    assert fit_to_context(prompts, 4, 12) == ([list(range(2, 10)), [0, 1, 2]], 4)  # 8 prompt + 4 answer = 12
+    assert fit_to_context(prompts, 100, 12) == ([list(range(4, 10)), [0, 1, 2]], 6)  # at most half for the answer

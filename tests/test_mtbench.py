@@ -701,3 +701,15 @@ def test_a_run_skips_mt_bench_without_its_data_when_asked(tiny, tmp_path, capsys
     assert exit_info.value.code == 0
     assert "mt-bench: skipped (eval.mt_bench.data_dir: folder not found" in " ".join(capsys.readouterr().err.split())
     assert (tmp_path / "run" / "eval" / "results.json").is_file()
+
+
+def test_a_model_with_a_short_learned_position_table_still_answers(tiny, bench_dir, tmp_path):
+    from fusechat.zoo.models import build_model
+
+    # GPT-2's positions are a learned table: reading past it is an index error, not a warning.
+    short = tmp_path / "gpt2-short"
+    build_model("gpt2", tiny["tokenizer"], out_dir=short, seed=0, hidden=16, layers=1, heads=2, max_positions=24)
+    out = evaluate_folders([str(short)], tmp_path / "out", settings(bench_dir, max_new_tokens=40))
+    answers = [json.loads(line) for line in (out / "model_answer" / "gpt2-short.jsonl").read_text().splitlines()]
+    assert sorted(a["question_id"] for a in answers) == sorted(q["question_id"] for q in QUESTIONS)
+    assert all(len(a["choices"][0]["turns"]) == 2 for a in answers)

@@ -154,6 +154,21 @@ def pad_batch(seqs: list[list[int]], pad: int, side: str):
     return ids, mask
 
 
+def context_length(model) -> int | None:
+    """Positions the model can read, when its config says (learned position tables fail past it)."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def fit_to_context(prompts: list[list[int]], max_new_tokens: int, context: int | None) -> tuple[list[list[int]], int]:
+    """Prompts and answer budget that fit the context: at most half of it for the answer, and a prompt too long
+    for the rest keeps its last tokens (as FastChat does when it generates MT-Bench answers)."""
+    if not context:
+        return prompts, max_new_tokens
+    max_new_tokens = min(max_new_tokens, context // 2)
+    room = context - max_new_tokens
+    return [p[-room:] for p in prompts], max_new_tokens
+
+
 def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int, batch_size: int,
                      on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers, one string per item: new tokens up to the first stop token, special tokens skipped, stripped.
@@ -165,7 +180,8 @@ def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: in
     from transformers import GenerationConfig
 
     encoder = ChatEncoder(tokenizer)
-    prompts = [encoder.prompt_ids(it.messages) for it in items]
+    prompts, max_new_tokens = fit_to_context([encoder.prompt_ids(it.messages) for it in items], max_new_tokens,
+                                             context_length(model))
     stops = stop_ids(model, tokenizer)
     pad = pad_id(tokenizer, stops)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -201,7 +217,7 @@ def answer_bits(model, tokenizer, items: list[EvalItem], batch_size: int,
     seqs = [encoder.answer_ids(it.messages, it.answer) for it in items]
     pad = pad_id(tokenizer, stop_ids(model, tokenizer))
     out: list[tuple[float | None, int]] = [(None, len(it.answer.encode("utf-8"))) for it in items]
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     fits = [i for i, (ids, _) in enumerate(seqs) if not context or len(ids) <= context]
     for batch in batches([len(seqs[i][0]) for i in fits], batch_size):
         idx = [fits[j] for j in batch]

@@ -83,6 +83,11 @@ def write_chart(results: dict, path: Path, title: str) -> None:
         _draw_panel(ax, key, table, floor)
     if not panels:
         axes[0].text(0.5, 0.5, "no results", ha="center", va="center")
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, layout, and an atomic PNG write."""
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -90,9 +95,8 @@ def write_chart(results: dict, path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _draw_panel(ax, key: str, table: dict[str, dict], floor: dict) -> None:
-    heading, better, digits = METRICS[key]
-    cols = columns(table)
+def draw_bars(ax, table: dict[str, dict], cols: list[str], digits: int) -> None:
+    """A group of bars per column, one bar per row of ``table`` (missing values leave a gap)."""
     width = 0.8 / max(1, len(table))
     for m, (name, row) in enumerate(table.items()):
         xs = [g + (m - (len(table) - 1) / 2) * width for g, c in enumerate(cols) if row.get(c) is not None]
@@ -100,6 +104,12 @@ def _draw_panel(ax, key: str, table: dict[str, dict], floor: dict) -> None:
         bars = ax.bar(xs, ys, width=width, label=name)
         if len(table) * len(cols) <= MAX_LABELLED_BARS:
             ax.bar_label(bars, fmt=f"%.{digits}f", fontsize="x-small", padding=1)
+
+
+def _draw_panel(ax, key: str, table: dict[str, dict], floor: dict) -> None:
+    heading, better, digits = METRICS[key]
+    cols = columns(table)
+    draw_bars(ax, table, cols, digits)
     drawn = [g for g, c in enumerate(cols) if floor.get(c) is not None]
     for g in drawn:
         ax.hlines(floor[cols[g]], g - 0.45, g + 0.45, colors="black", linestyles="dashed",

@@ -22,7 +22,9 @@ from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.metrics import (
     ChatEncoder,
     batches,
+    context_length,
     decode_answer,
+    fit_to_context,
     pad_batch,
     pad_id,
     stop_ids,
@@ -133,9 +135,11 @@ def generate_replies(model, tokenizer, encoder: ChatEncoder, conversations: list
     pad = pad_id(tokenizer, stops)
     sample = temperature >= GREEDY_BELOW
     options = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    prompts, max_new_tokens = fit_to_context([encoder.prompt_ids(m) for m in conversations], max_new_tokens,
+                                             context_length(model))
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stops or None,
                               pad_token_id=pad, **options)
-    ids, mask = pad_batch([encoder.prompt_ids(m) for m in conversations], pad, "left")
+    ids, mask = pad_batch(prompts, pad, "left")
     if sample:
         torch.manual_seed(SAMPLING_SEED)
     with torch.inference_mode():

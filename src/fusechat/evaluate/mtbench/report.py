@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from fusechat.evaluate.report import draw_bars, save_figure
 from fusechat.run import atomic_write_json, atomic_write_text
 
 SCORE = "mt_bench_score"
@@ -23,7 +23,6 @@ BITS = "reference_bits_per_byte"
 TURN_COLUMNS = {1: "first_turn", 2: "second_turn"}
 HEADERS = {"first_turn": "first turn", "second_turn": "second turn"}
 UNRATED = "unrated"
-MAX_LABELLED_BARS = 40
 
 
 def score_table(judgments: dict[tuple, dict], models: list[str], categories: list[str],
@@ -116,13 +115,7 @@ def write_chart(results: dict, path: Path, title: str) -> None:
     axes = fig.subplots(max(1, len(sections)), 1, squeeze=False)[:, 0]
     for ax, (key, heading, table, digits) in zip(axes, sections):
         cols = [c for c in next(iter(table.values())) if c != UNRATED]
-        width = 0.8 / max(1, len(table))
-        for m, (name, row) in enumerate(table.items()):
-            xs = [g + (m - (len(table) - 1) / 2) * width for g, c in enumerate(cols) if row.get(c) is not None]
-            ys = [row[c] for c in cols if row.get(c) is not None]
-            bars = ax.bar(xs, ys, width=width, label=name)
-            if len(table) * len(cols) <= MAX_LABELLED_BARS:
-                ax.bar_label(bars, fmt=f"%.{digits}f", fontsize="x-small", padding=1)
+        draw_bars(ax, table, cols, digits)
         ax.set_xticks(range(len(cols)), [HEADERS.get(c, c) for c in cols], rotation=20)
         ax.set_xlim(-0.6, len(cols) - 0.4)
         if all(v is None for row in table.values() for c, v in row.items() if c != UNRATED):
@@ -135,8 +128,4 @@ def write_chart(results: dict, path: Path, title: str) -> None:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if not sections:
         axes[0].text(0.5, 0.5, "no scores yet", ha="center", va="center")
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path, title)
