@@ -35,7 +35,7 @@ from fusechat.evaluate.mtbench.data import (
     TURNS,
     Question,
 )
-from fusechat.evaluate.mtbench.jsonl import append_records, read_records
+from fusechat.evaluate.mtbench.jsonl import append_records, read_records, require_fields
 
 ANSWER_FIELDS = ("question_id", "answer_id", "model_id", "choices", "tstamp")
 SAMPLING_SEED = 0
@@ -58,10 +58,7 @@ def read_answers(path: Path) -> dict:
     """Question id -> answer record of an answer file (a missing file has none); the last line of an id wins."""
     answers = {}
     for lineno, record in read_records(path):
-        missing = [k for k in ANSWER_FIELDS if k not in record]
-        if missing:
-            raise DataError(f"{path}:{lineno}: field {missing[0]!r} is missing (an answer has "
-                            f"{', '.join(ANSWER_FIELDS)})")
+        require_fields(record, ANSWER_FIELDS, f"{path}:{lineno}", "an answer")
         turns = answer_turns(record, f"{path}:{lineno}")
         if len(turns) != TURNS:
             raise DataError(f"{path}:{lineno}: field 'choices[0].turns' must hold {TURNS} answers, got {len(turns)}")

@@ -16,6 +16,13 @@ from fusechat.errors import DataError
 from fusechat.progress import console
 
 
+def require_fields(record: dict, fields: tuple[str, ...], where: str, what: str) -> None:
+    """A clear error naming the first missing field of ``record`` (``what`` names the kind of record)."""
+    missing = [k for k in fields if k not in record]
+    if missing:
+        raise DataError(f"{where}: field {missing[0]!r} is missing ({what} has {', '.join(fields)})")
+
+
 def read_records(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of every line; a torn last line is removed from the file, a bad earlier line is an error."""
     path = Path(path)

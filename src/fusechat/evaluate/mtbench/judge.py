@@ -23,7 +23,7 @@ from fusechat.evaluate.metrics import ChatEncoder
 from fusechat.evaluate.mtbench.answers import answer_turns, generate_replies
 from fusechat.evaluate.mtbench.data import TURNS, Benchmark
 from fusechat.evaluate.mtbench.endpoint import RequestFailed
-from fusechat.evaluate.mtbench.jsonl import append_records, read_records
+from fusechat.evaluate.mtbench.jsonl import append_records, read_records, require_fields
 from fusechat.evaluate.mtbench.prompts import (
     NO_RATING,
     JudgeRequest,
@@ -50,10 +50,7 @@ def read_judgments(path: Path) -> dict[tuple, dict]:
     """(question_id, model, turn) -> the last record of that key."""
     out = {}
     for lineno, record in read_records(path):
-        missing = [k for k in JUDGMENT_FIELDS if k not in record]
-        if missing:
-            raise DataError(f"{path}:{lineno}: field {missing[0]!r} is missing (a judgment has "
-                            f"{', '.join(JUDGMENT_FIELDS)})")
+        require_fields(record, JUDGMENT_FIELDS, f"{path}:{lineno}", "a judgment")
         if record["turn"] not in range(1, TURNS + 1):
             raise DataError(f"{path}:{lineno}: field 'turn' must be 1 or 2, got {record['turn']!r}")
         out[(record["question_id"], record["model"], record["turn"])] = record
