@@ -6,6 +6,7 @@ import yaml
 from fusechat.cli import main
 from fusechat.config import RunConfig, load_config
 from fusechat.errors import ConfigError
+from fusechat.model_sources import require_runnable, run_problems
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "fusechat-7b-varm.yaml"
@@ -51,8 +52,9 @@ def config_lines(tmp_path, data_file):
 
 
 def problems_of(path, **kw):
+    """What a stage command reports: the config's own problems, else what a run of it lacks."""
     with pytest.raises(ConfigError) as exc:
-        load_config(path, **kw)
+        require_runnable(load_config(path, **kw))
     return exc.value.problems
 
 
@@ -214,6 +216,33 @@ def test_all_missing_paths_reported_at_once(tmp_path, config_lines):
         f"pivot.path: folder not found: {tmp_path / 'p'}",
         f"sources[0].path: folder not found: {tmp_path / 's'}",
     ]
+
+
+def test_a_valid_config_with_missing_files_validates_and_says_what_a_run_lacks(tmp_path, config_lines):
+    config_lines[3] = f"  path: {tmp_path / 'p'}"
+    cfg = load_config(write(tmp_path, config_lines))  # valid as a config
+    assert run_problems(cfg) == [f"pivot.path: folder not found: {tmp_path / 'p'}"]
+    with pytest.raises(ConfigError) as exc:
+        require_runnable(cfg, source="run.yaml")
+    assert str(exc.value).startswith("run.yaml: not ready to run (1 problem(s)):")
+
+
+def test_validate_prints_the_config_and_apart_what_a_run_lacks(tmp_path, config_lines, capsys):
+    from fusechat.cli import main
+
+    config_lines[3] = f"  path: {tmp_path / 'p'}"
+    path = write(tmp_path, config_lines)
+    with pytest.raises(SystemExit) as done:
+        main(["validate", str(path)])
+    assert done.value.code == 0
+    out, err = capsys.readouterr()
+    assert "run_dir:" in out and "folder not found" not in out
+    assert "valid config" in err
+    assert f"To run it, this machine still needs:\n  - pivot.path: folder not found: {tmp_path / 'p'}" in err
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(path)])
+    assert done.value.code == 1
+    assert "not ready to run" in capsys.readouterr().err
 
 
 def test_duplicate_source_names(tmp_path, config_lines):

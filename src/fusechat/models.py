@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
-from fusechat.config import ModelSpec, model_path_problem
+from fusechat.config import HUB_ID_RE, ModelSpec
 from fusechat.errors import FusechatError
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why a model `path` cannot be loaded, or None (a hub id is left to the loader)."""
+    if Path(path).exists():
+        return None if Path(path).is_dir() else f"{path} is a file; a model is a folder (or a hub id)"
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+    if looks_local or not HUB_ID_RE.match(path):
+        return f"folder not found: {path}"
+    return None  # a hub id: the loader says clearly if it is neither cached nor reachable
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -168,7 +168,7 @@ def _cached_bits(path: Path, key: dict) -> list[dict] | None:
 
 def _check_judge(mt) -> None:
     """A judge that cannot be reached is reported before any answer is generated."""
-    from fusechat.config import model_path_problem
+    from fusechat.models import model_path_problem
 
     if mt.judge_endpoint:
         if not mt.judge_endpoint.startswith(("http://", "https://")):
