@@ -73,7 +73,7 @@ def build(root: Path, n_conversations: int):
 
 def time_represent(cfg) -> tuple[float, float]:
     from fusechat import represent
-    from fusechat.run import read_manifest
+    from fusechat.rundir import read_manifest
 
     out = represent.represent_model(cfg, cfg.pivot, force=True)
     manifest = read_manifest(out)
@@ -87,7 +87,7 @@ def time_bare_forward(cfg) -> float:
     from fusechat.models import load_causal_lm, load_tokenizer
     from fusechat.prepare import load_prepared
     from fusechat.represent import encode_rows
-    from fusechat.run import RunDir, read_manifest
+    from fusechat.rundir import RunDir, read_manifest
 
     prepared = load_prepared(cfg)
     pm = read_manifest(RunDir(cfg.run_dir).stage("prepare"))

@@ -5,13 +5,37 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from fusechat.align.project import (ALIGNED, DROPPED, NO_TARGET, ONE_HOT, merge_duplicate_ids, predicting_positions,
-                                    project)
-from fusechat.align.sequence import (align_dtw, align_dtw_reference, align_offsets, dtw_matrix, dtw_path,
-                                     dtw_reference, group_kinds, levenshtein_reference, path_to_groups,
-                                     token_distance_matrix)
-from fusechat.align.vocab import (EDIT_DISTANCE, EXACT, SPECIAL, STATISTICS, UNMAPPED, build_vocab_map,
-                                  token_bytes, tokenizer_scheme)
+from fusechat.align.project import (
+    ALIGNED,
+    DROPPED,
+    NO_TARGET,
+    ONE_HOT,
+    merge_duplicate_ids,
+    predicting_positions,
+    project,
+)
+from fusechat.align.sequence import (
+    align_dtw,
+    align_dtw_reference,
+    align_offsets,
+    dtw_matrix,
+    dtw_path,
+    dtw_reference,
+    group_kinds,
+    levenshtein_reference,
+    path_to_groups,
+    token_distance_matrix,
+)
+from fusechat.align.vocab import (
+    EDIT_DISTANCE,
+    EXACT,
+    SPECIAL,
+    STATISTICS,
+    UNMAPPED,
+    build_vocab_map,
+    token_bytes,
+    tokenizer_scheme,
+)
 from fusechat.fuse import avg_ce_weights, comparable_ce, min_ce_choice, mix
 from fusechat.zoo.tokenizers import build_tokenizer
 

@@ -14,7 +14,7 @@ from fusechat.align.project import ALIGNED, NO_TARGET, ONE_HOT, softmax_rows
 from fusechat.align.vocab import VocabMap
 from fusechat.config import load_config
 from fusechat.errors import FusechatError
-from fusechat.representation import read_dists, read_representation
+from fusechat.shards import read_dists, read_representation
 
 
 def run_until(config_path, stage):

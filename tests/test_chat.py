@@ -4,10 +4,10 @@ import io
 
 import pytest
 import torch
+from conftest import CORPUS
 
 from fusechat.chat import ChatSession, repl
 from fusechat.cli import main
-from conftest import CORPUS
 
 MAX_NEW = 12
 

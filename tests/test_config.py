@@ -6,7 +6,7 @@ import yaml
 from fusechat.cli import main
 from fusechat.config import RunConfig, load_config
 from fusechat.errors import ConfigError
-from fusechat.model_sources import require_runnable, run_problems
+from fusechat.pipeline import load_run, require_runnable, run_problems
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "fusechat-7b-varm.yaml"
@@ -54,7 +54,7 @@ def config_lines(tmp_path, data_file):
 def problems_of(path, **kw):
     """What a stage command reports: the config's own problems, else what a run of it lacks."""
     with pytest.raises(ConfigError) as exc:
-        require_runnable(load_config(path, **kw))
+        load_run(path, **kw)
     return exc.value.problems
 
 
@@ -494,15 +494,3 @@ def test_cli_bad_set_exits_1(tmp_path, config_lines, capsys):
 def test_cli_missing_config_file_exits_1(tmp_path, capsys):
     assert cli("validate", tmp_path / "absent.yaml") == 1
     assert "config file not found" in flat(capsys.readouterr().err)
-
-
-def test_cli_stage_not_built_exits_3(tmp_path, config_lines, capsys, monkeypatch):
-    from fusechat import stages
-
-    monkeypatch.setitem(stages.IMPLEMENTATIONS, "merge", None)
-    assert cli("merge", write(tmp_path, config_lines)) == 3
-    captured = capsys.readouterr()
-    err = flat(captured.err)
-    assert "merge" in err
-    assert "not built yet" in err
-    assert "Traceback" not in captured.err + captured.out

@@ -16,7 +16,12 @@ from fusechat.errors import DataError
 from fusechat.evaluate import evaluate_models
 from fusechat.evaluate import stage as eval_stage
 from fusechat.evaluate.items import EvalItem, load_items
-from fusechat.evaluate.metrics import ChatEncoder, answer_bits, exact_match, generate_answers
+from fusechat.evaluate.metrics import (
+    ChatEncoder,
+    answer_bits,
+    exact_match,
+    generate_answers,
+)
 from fusechat.evaluate.report import format_markdown, write_report
 
 QA = [

@@ -14,7 +14,14 @@ from conftest import CORPUS
 
 from fusechat.config import GGUFSource, ModelSpec, load_config
 from fusechat.errors import ConfigError, FusechatError
-from fusechat.model_sources import converted_folder, ensure_converted, require_runnable, source_problem, wheel_cache
+from fusechat.model_sources import (
+    converted_folder,
+    ensure_converted,
+    model_folder,
+    source_problem,
+    wheel_cache,
+)
+from fusechat.pipeline import load_run, require_runnable
 
 gguf = pytest.importorskip("gguf")
 
@@ -87,7 +94,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _sha(path):
-    from fusechat.run import sha256_file
+    from fusechat.rundir import sha256_file
 
     return sha256_file(path)
 
@@ -97,7 +104,7 @@ def test_a_gguf_file_converts_once_to_the_same_model(tiny_gguf, cache):
 
     path, model, tok = tiny_gguf
     spec = ModelSpec(name="tiny", gguf={"file": str(path), "sha256": _sha(path)})
-    assert Path(spec.path).parent == cache / "gguf"
+    assert model_folder(spec).parent == cache / "gguf"
     folder = ensure_converted(spec)
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
     origin = json.loads((folder / "origin.json").read_text())
@@ -282,7 +289,7 @@ def test_a_zoo_model_entry_defaults_to_the_demo_zoo_and_unknown_names_are_refuse
     from fusechat.model_sources import build_zoo_model, zoo_problem
 
     spec = ModelSpec(name="d", zoo="describer")
-    assert Path(spec.path) == Path("fusechat-demo/zoo/models/describer")
+    assert model_folder(spec) == Path("fusechat-demo/zoo/models/describer")
     assert zoo_problem("describer") is None
     assert "no zoo model named 'poet' (the zoo has: pivot, describer, forecaster, calculator)" == zoo_problem("poet")
     with pytest.raises(FusechatError, match="must end in models/describer"):
@@ -300,7 +307,7 @@ def test_synthetic_data_is_written_before_the_stages_and_only_once(tmp_path):
            "synthetic": {"folder": str(folder), "train": {"describe": 5, "chitchat": 3}, "eval_per_skill": 4},
            "eval": {"data": [str(folder / "eval.jsonl")]}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    run_cfg = load_config(tmp_path / "run.yaml")  # the data file does not exist yet: synthetic writes it
+    run_cfg = load_run(tmp_path / "run.yaml")  # the data file does not exist yet: synthetic writes it
     ensure_synthetic(run_cfg)
     train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
     items = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
@@ -313,5 +320,5 @@ def test_synthetic_data_is_written_before_the_stages_and_only_once(tmp_path):
 
     cfg["synthetic"]["train"] = {"poetry": 3}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match="unknown skill"):
-        load_config(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match="synthetic.train: unknown skill\\(s\\) 'poetry'; known: "):
+        load_run(tmp_path / "run.yaml")

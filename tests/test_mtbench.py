@@ -18,7 +18,7 @@ from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.items import EvalItem
 from fusechat.evaluate.metrics import generate_answers
 from fusechat.evaluate.mtbench import data as mt_data
-from fusechat.evaluate.mtbench import evaluate_folders
+from fusechat.evaluate.mtbench import mt_bench_folders
 from fusechat.evaluate.mtbench.answers import (
     ANSWER_FIELDS,
     answer_questions,
@@ -209,7 +209,7 @@ def test_parse_rating(judgment, rating):
 
 
 def test_answer_file_has_fastchat_schema_and_own_first_answer(tiny, bench_dir, tmp_path):
-    out = evaluate_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir))
+    out = mt_bench_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir))
     assert out == tmp_path / "out" / "mt_bench"
     lines = (out / "model_answer" / "alpha.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -271,8 +271,8 @@ def test_damaged_answer_file_is_an_error_and_left_alone(tmp_path):
 
 
 def test_fastchat_temperatures_sample_per_category(tiny, bench_dir, tmp_path):
-    out = evaluate_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, temperature="fastchat"))
-    greedy = evaluate_folders([str(tiny["alpha"])], tmp_path / "greedy", settings(bench_dir))
+    out = mt_bench_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, temperature="fastchat"))
+    greedy = mt_bench_folders([str(tiny["alpha"])], tmp_path / "greedy", settings(bench_dir))
     sampled = read_answers(out / "model_answer" / "alpha.jsonl")
     plain = read_answers(greedy / "model_answer" / "alpha.jsonl")
     for qid in (111, 101):  # math and reasoning: temperature 0 in FastChat, so greedy
@@ -297,7 +297,7 @@ def manual_bits(model, tokenizer, messages, answer):
 
 
 def test_reference_bits_per_byte_match_the_logits(tiny, bench_dir, tmp_path):
-    out = evaluate_folders([str(tiny["alpha"]), str(tiny["beta"])], tmp_path / "out", settings(bench_dir))
+    out = mt_bench_folders([str(tiny["alpha"]), str(tiny["beta"])], tmp_path / "out", settings(bench_dir))
     results = json.loads((out / "results.json").read_text())
     for name in ("alpha", "beta"):
         model, tokenizer = load(tiny[name])
@@ -354,7 +354,7 @@ def test_score_table_means_and_unrated_count():
 
 
 def test_local_judge_records_unparsable_ratings_as_unrated(tiny, bench_dir, tmp_path):
-    out = evaluate_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, judge=str(tiny["judge"])))
+    out = mt_bench_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, judge=str(tiny["judge"])))
     path = out / "model_judgment" / "judge_single.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 2 * len(QUESTIONS)
@@ -384,7 +384,7 @@ def test_local_judge_records_unparsable_ratings_as_unrated(tiny, bench_dir, tmp_
     assert "| alpha | – | – | – | – | – | – | – | 8 |" in (out / "results.md").read_text()
 
     before = path.read_bytes()
-    evaluate_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, judge=str(tiny["judge"])))
+    mt_bench_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, judge=str(tiny["judge"])))
     assert path.read_bytes() == before  # judged once: nothing is asked again
 
 
@@ -405,7 +405,7 @@ def test_unreachable_judge_is_reported_before_any_answer(tiny, bench_dir, tmp_pa
     for mt, message in [({"judge": str(tmp_path / "no-judge")}, "eval.mt_bench.judge: folder not found"),
                         ({"judge_endpoint": "ftp://judge.example"}, "must be an http:// or https:// URL")]:
         with pytest.raises(FusechatError, match=message):
-            evaluate_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, **mt))
+            mt_bench_folders([str(tiny["alpha"])], tmp_path / "out", settings(bench_dir, **mt))
     assert not (tmp_path / "out").exists()
 
 
@@ -680,7 +680,7 @@ def test_reference_bits_only_generate_no_answers_and_skip_items_beyond_the_conte
     config.max_position_embeddings = max(first_turn)
     config.save_pretrained(short)
 
-    out = evaluate_folders([str(tiny["alpha"]), str(short)], tmp_path / "out", settings(bench_dir, answers=False))
+    out = mt_bench_folders([str(tiny["alpha"]), str(short)], tmp_path / "out", settings(bench_dir, answers=False))
     results = json.loads((out / "results.json").read_text())
     assert not (out / "model_answer").exists() or not any((out / "model_answer").iterdir())
     assert results["answers"] == {"alpha": 0, "short": 0}
@@ -709,7 +709,7 @@ def test_a_model_with_a_short_learned_position_table_still_answers(tiny, bench_d
     # GPT-2's positions are a learned table: reading past it is an index error, not a warning.
     short = tmp_path / "gpt2-short"
     build_model("gpt2", tiny["tokenizer"], out_dir=short, seed=0, hidden=16, layers=1, heads=2, max_positions=24)
-    out = evaluate_folders([str(short)], tmp_path / "out", settings(bench_dir, max_new_tokens=40))
+    out = mt_bench_folders([str(short)], tmp_path / "out", settings(bench_dir, max_new_tokens=40))
     answers = [json.loads(line) for line in (out / "model_answer" / "gpt2-short.jsonl").read_text().splitlines()]
     assert sorted(a["question_id"] for a in answers) == sorted(q["question_id"] for q in QUESTIONS)
     assert all(len(a["choices"][0]["turns"]) == 2 for a in answers)

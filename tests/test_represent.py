@@ -14,9 +14,10 @@ from fusechat import prepare, represent
 from fusechat.config import load_config
 from fusechat.errors import FusechatError
 from fusechat.represent import model_view, to_prepared_offsets, topk_and_ce
-from fusechat.representation import read_representation
+from fusechat.shards import read_representation
 from fusechat.zoo.models import build_model
 from fusechat.zoo.tokenizers import build_tokenizer
+
 
 def prepared_and_represented(config_path, **kwargs):
     cfg = load_config(config_path)
@@ -280,20 +281,3 @@ def test_bf16_runs_and_stays_close_to_fp32(tmp_path, zoo):
         ces[dtype] = [r.ce for r in read_representation(outs[0])]
         assert json.loads((outs[0] / "manifest.json").read_text())["dtype"] == dtype
     np.testing.assert_allclose(ces["bf16"], ces["fp32"], rtol=0.05)
-
-
-def test_run_command_does_the_built_stages_then_stops(tmp_path, zoo, capsys, monkeypatch):
-    from fusechat import stages
-    from fusechat.cli import main
-
-    monkeypatch.setitem(stages.IMPLEMENTATIONS, "train", None)
-    config = write_config(tmp_path, zoo, sources=("mistral", "gpt2"))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", str(config)])
-    assert exit_info.value.code == 3
-    assert "train stage is not built yet" in " ".join(capsys.readouterr().err.split())
-    for name in ("llama", "mistral", "gpt2"):
-        assert json.loads((tmp_path / "run" / "represent" / name / "manifest.json").read_text())["complete"]
-    for stage in ("align", "fuse"):
-        for name in ("mistral", "gpt2"):
-            assert json.loads((tmp_path / "run" / stage / name / "manifest.json").read_text())["complete"]

@@ -4,7 +4,13 @@ from collections import Counter
 
 import pytest
 
-from fusechat.zoo.skills import SKILLS, conversations, entropy_floor, eval_items, held_out
+from fusechat.zoo.skills import (
+    SKILLS,
+    conversations,
+    entropy_floor,
+    eval_items,
+    held_out,
+)
 
 
 def test_generation_is_deterministic():

@@ -94,7 +94,7 @@ def fused_config(tmp_path, zoo, **sections):
 def dataset_loss(cfg, model_dir):
     """Both loss terms over every training sequence at once."""
     from fusechat.prepare import load_prepared
-    from fusechat.run import RunDir
+    from fusechat.rundir import RunDir
     from fusechat.train.data import FusionCollator, FusionDataset, load_fused
 
     prepared = load_prepared(cfg)

@@ -8,9 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from fusechat.data.templates import FALLBACK_TEMPLATE, fallback_template
 from fusechat.errors import FusechatError
+from fusechat.models import (
+    TORCH_DTYPES,
+    device_map_for,
+    load_causal_lm,
+    load_tokenizer,
+    row_spec,
+)
 
-FALLBACK_TEMPLATE = "openchat"
+__all__ = ["FALLBACK_TEMPLATE", "ChatSession", "load_session", "repl"]
 USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,16 +29,14 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0):
-        from fusechat.data.templates import BUILTIN_TEMPLATES
-
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.uses_fallback_template = not getattr(tokenizer, "chat_template", None)
-        if self.uses_fallback_template:
-            builtin = BUILTIN_TEMPLATES[FALLBACK_TEMPLATE]
+        builtin = fallback_template(tokenizer)
+        self.uses_fallback_template = builtin is not None
+        if builtin is not None:
             self.template, self.add_special_tokens = builtin.jinja, builtin.add_special_tokens
         else:
             # A tokenizer's own template writes its bos itself.
@@ -127,24 +133,17 @@ def model_name(path: str) -> str:
 
 def load_session(path: str, device: str = "auto", dtype: str | None = None, **session_options) -> ChatSession:
     """Load the model and tokenizer at ``path`` (fp32 on CPU, bf16 on GPU unless ``dtype``)."""
-    import torch
     import transformers
-
-    from fusechat.config import ModelSpec
-    from fusechat.models import TORCH_DTYPES, load_causal_lm, load_tokenizer
 
     if device not in DEVICES:
         raise FusechatError(f"unknown device {device!r}; use one of: {', '.join(DEVICES)}")
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise FusechatError(f"unknown dtype {dtype!r}; use one of: {', '.join(TORCH_DTYPES)}")
     transformers.utils.logging.set_verbosity_error()  # generation-config notices are noise in a chat
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FusechatError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    device_map = ("auto" if device == "auto" else "cuda") if on_gpu else "cpu"
-    spec = ModelSpec(name=model_name(path), path=path)
+    device_map = device_map_for(device, "--device")
+    spec = row_spec(model_name(path), path)
     tokenizer = load_tokenizer(spec)
-    model = load_causal_lm(spec, dtype=dtype or ("bf16" if on_gpu else "fp32"), device_map=device_map)
+    model = load_causal_lm(spec, dtype=dtype or ("fp32" if device_map == "cpu" else "bf16"), device_map=device_map)
     return ChatSession(model, tokenizer, **session_options)
 
 

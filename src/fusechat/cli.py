@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from fusechat import __version__
-from fusechat.errors import FusechatError, StageNotAvailable
+from fusechat.errors import FusechatError
 
 app = typer.Typer(
     name="fusechat",
@@ -33,15 +33,15 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if 
 
 def _load(config: Path, overrides: list[str] | None):
     """A valid config whose files, folders and model packages are all there."""
-    from fusechat.config import load_config
-    from fusechat.model_sources import require_runnable
+    from fusechat.pipeline import load_run
 
-    return require_runnable(load_config(config, overrides or []), source=str(config))
+    return load_run(config, overrides or [])
 
 
 def _stage(name: str, cfg, force: bool = False, **options) -> None:
-    from fusechat.stages import run_stage
+    from fusechat.pipeline import make_ready, run_stage
 
+    make_ready(cfg)
     run_stage(name, cfg, force=force, **options)
 
 
@@ -129,10 +129,8 @@ def eval_(
     ] = None,
 ) -> None:
     """Evaluate the pivot, sources, targets and merges on held-out items and MT-Bench; or any models with --models."""
-    from fusechat.errors import FusechatError
+    from fusechat.evaluate.stage import evaluate_folders
 
-    if benchmark is not None and benchmark not in _BENCHMARKS:
-        raise FusechatError(f"--benchmark must be one of {', '.join(_BENCHMARKS)}, got {benchmark!r}")
     positional = config or []
     if not models:
         if len(positional) != 1 or data is not None or out is not None:
@@ -145,32 +143,15 @@ def eval_(
     configs = [p for p in positional if p.endswith((".yaml", ".yml"))]
     if configs:
         raise FusechatError(f"give either a run CONFIG ({configs[0]}) or --models, not both")
-    settings = _eval_settings(set_)
+    from fusechat.config import eval_settings
+
+    settings = eval_settings(set_ or [])
     _set_judge(settings, judge, judge_endpoint, benchmark)
-    wanted = [benchmark] if benchmark else [*(["items"] if data is not None or not settings.benchmarks else []),
-                                            *settings.benchmarks]
-    if "items" in wanted and data is None:
-        raise FusechatError("--models needs --data FILE: the evaluation items (JSONL, see docs/eval.md)")
-    if "items" not in wanted and data is not None:
-        raise FusechatError("--data goes with the items benchmark, not with --benchmark mt-bench")
-    folders, out = [*models, *positional], out or Path("fusechat-eval")
-    if "items" in wanted:
-        from fusechat.evaluate.stage import evaluate_folders
-
-        evaluate_folders(folders, data, out, settings)
-    if "mt-bench" in wanted:
-        from fusechat.evaluate.mtbench import evaluate_folders as mt_bench_folders
-
-        mt_bench_folders(folders, out, settings, force=force)
-
-
-_BENCHMARKS = ("items", "mt-bench")
+    evaluate_folders([*models, *positional], out or Path("fusechat-eval"), settings, data, benchmark, force)
 
 
 def _set_judge(settings, judge: str | None, endpoint: str | None, benchmark: str | None) -> None:
     """Put --judge and --judge-endpoint into the eval settings; they only go with MT-Bench."""
-    from fusechat.errors import FusechatError
-
     if judge is None and endpoint is None:
         return
     if benchmark == "items" or (benchmark is None and "mt-bench" not in settings.benchmarks):
@@ -189,30 +170,10 @@ _EVAL_USAGE = (
 )
 
 
-def _eval_settings(overrides: list[str] | None):
-    """The eval section from ``--set eval.key=value`` alone, for --models (there is no config file)."""
-    from pydantic import ValidationError
-
-    from fusechat.config import EvalConfig, apply_override
-    from fusechat.errors import ConfigError
-
-    raw: dict = {}
-    for item in overrides or []:
-        apply_override(raw, item)
-    other = sorted(set(raw) - {"eval"})
-    if other:
-        raise ConfigError("--set", [f"with --models only eval.* settings apply, got {other[0]}"])
-    try:
-        return EvalConfig.model_validate(raw.get("eval") or {})
-    except ValidationError as e:
-        raise ConfigError("--set", [f"eval.{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                                    for err in e.errors()]) from None
-
-
 @app.command()
 def run(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Run every stage in order, skipping those whose output is complete."""
-    from fusechat.stages import run_all
+    from fusechat.pipeline import run_all
 
     run_all(_load(config, set_), force=force)
 
@@ -220,11 +181,10 @@ def run(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a run config, print it with every default filled in, and say what a run still needs."""
-    from fusechat.config import load_config
-    from fusechat.model_sources import run_problems
+    from fusechat.pipeline import load_run, run_problems
     from fusechat.progress import console
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_run(config, set_ or [], runnable=False)
     typer.echo(cfg.to_yaml(), nl=False)
     problems = run_problems(cfg)
     console.print(f"{config}: valid config.", soft_wrap=True, markup=False)
@@ -322,7 +282,6 @@ def _close_distributed() -> None:
 
 
 EXIT_ERROR = 1
-EXIT_NOT_AVAILABLE = 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,9 +293,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
         sys.exit(0)
-    except StageNotAvailable as e:
-        console.print(f"[yellow]not available:[/yellow] {escape(str(e))}")
-        sys.exit(EXIT_NOT_AVAILABLE)
     except FusechatError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(EXIT_ERROR)

@@ -7,19 +7,30 @@ that names the closest valid key. Paths are relative to the current directory.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fusechat.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_SUFFIXES = (".json", ".jsonl")
+# The built-in chat templates (fusechat.data.templates defines them; a test keeps the two in step).
+TEMPLATE_NAMES = ("openchat", "chatml")
 WHEEL_REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
@@ -108,16 +119,9 @@ class ModelSpec(Section):
     def _path_or_gguf(self) -> ModelSpec:
         if self.gguf is not None and self.zoo is not None:
             raise ValueError(f"model {self.name!r}: give `gguf` or `zoo`, not both")
-        if self.path is None:
-            from fusechat.model_sources import converted_folder, zoo_folder
-
-            if self.gguf is not None:
-                self.path = str(converted_folder(self.gguf))
-            elif self.zoo is not None:
-                self.path = str(zoo_folder(self.zoo))
-            else:
-                raise ValueError(f"model {self.name!r} needs `path` (a folder or hub id), `gguf` (a GGUF file) "
-                                 "or `zoo` (a demo zoo model)")
+        if self.path is None and self.gguf is None and self.zoo is None:
+            raise ValueError(f"model {self.name!r} needs `path` (a folder or hub id), `gguf` (a GGUF file) "
+                             "or `zoo` (a demo zoo model)")
         return self
 
 
@@ -155,12 +159,10 @@ class PrepareConfig(Section):
     @field_validator("template")
     @classmethod
     def _known_template(cls, v: str) -> str:
-        from fusechat.data.templates import BUILTIN_TEMPLATES
-
-        if v != "tokenizer" and v not in BUILTIN_TEMPLATES:
-            close = difflib.get_close_matches(v, ["tokenizer", *BUILTIN_TEMPLATES], n=1)
+        if v != "tokenizer" and v not in TEMPLATE_NAMES:
+            close = difflib.get_close_matches(v, ["tokenizer", *TEMPLATE_NAMES], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown template {v!r}{hint}; use 'tokenizer' or one of: {', '.join(BUILTIN_TEMPLATES)}")
+            raise ValueError(f"unknown template {v!r}{hint}; use 'tokenizer' or one of: {', '.join(TEMPLATE_NAMES)}")
         return v
 
 
@@ -305,12 +307,8 @@ class SyntheticData(Section):
 
     @field_validator("train")
     @classmethod
-    def _known_skills(cls, v: dict[str, int]) -> dict[str, int]:
-        from fusechat.zoo.skills import ALL_SKILLS
-
-        unknown = [k for k in v if k not in ALL_SKILLS]
-        if unknown:
-            raise ValueError(f"unknown skill(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_SKILLS)}")
+    def _counts(cls, v: dict[str, int]) -> dict[str, int]:
+        # Skill names are checked where the skills live (fusechat.synthetic), when the run is loaded.
         if any(n < 0 for n in v.values()):
             raise ValueError("conversation counts must be 0 or more")
         return v
@@ -363,12 +361,15 @@ class RunConfig(Section):
         payload = {s: _dump(getattr(self, s)) for s in sections}
         if "train" in payload:  # which baselines run beside a target does not change the target
             payload["train"].pop("baselines", None)
-        from fusechat.run import inputs_fingerprint
-
-        return inputs_fingerprint(payload)
+        return stable_hash(payload)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def stable_hash(payload: Any) -> str:
+    """Short stable hash of a JSON-able value: the fingerprint of a stage's inputs and settings."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _dump(value: Any) -> Any:
@@ -386,7 +387,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Read, override (``key.sub=value``) and validate a run config.
 
     This checks the config as a config only; what a run still needs (files, folders,
-    packages) is `fusechat.model_sources.run_problems`.
+    packages) is `fusechat.pipeline.run_problems`.
     """
     path = Path(path)
     if not path.is_file():
@@ -403,6 +404,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         apply_override(raw, item, source=str(path))
     return validate_config(raw, source=str(path), yaml_text=text)
+
+
+def eval_settings(overrides: list[str]) -> EvalConfig:
+    """The eval section from ``--set eval.key=value`` alone (``fusechat eval --models``: no config file)."""
+    raw: dict = {}
+    for item in overrides:
+        apply_override(raw, item)
+    other = sorted(set(raw) - {"eval"})
+    if other:
+        raise ConfigError("--set", [f"with --models only eval.* settings apply, got {other[0]}"])
+    try:
+        return EvalConfig.model_validate(raw.get("eval") or {})
+    except ValidationError as e:
+        raise ConfigError("--set", [f"eval.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                    for err in e.errors()]) from None
 
 
 def validate_config(raw: dict, source: str = "config", yaml_text: str | None = None) -> RunConfig:

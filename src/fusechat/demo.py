@@ -82,7 +82,7 @@ def run_demo(out: Path = Path(DEFAULT_OUT), force: bool = False, spec: ZooSpec =
     from fusechat.evaluate import stage as evaluate
     from fusechat.evaluate.items import load_items
     from fusechat.evaluate.report import format_markdown, write_report
-    from fusechat.run import RunDir
+    from fusechat.rundir import RunDir
 
     started = time.time()
     out = Path(out)

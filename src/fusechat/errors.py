@@ -18,6 +18,3 @@ class ConfigError(FusechatError):
 class DataError(FusechatError):
     """A record of the input data is malformed; the message names file, record and field."""
 
-
-class StageNotAvailable(FusechatError):
-    """A pipeline stage that this version of fusechat does not implement yet."""

@@ -26,13 +26,33 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align.project import ALIGNED, ONE_HOT, merge_duplicate_ids, pivot_distribution
+from fusechat.align.project import (
+    ALIGNED,
+    ONE_HOT,
+    merge_duplicate_ids,
+    pivot_distribution,
+)
 from fusechat.align.stage import complete_representation
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.representation import DistRow, id_dtype, read_dists, read_representation, shard_name, write_dist_shard
-from fusechat.run import RunDir, atomic_dir, inputs_fingerprint, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.rundir import (
+    RunDir,
+    atomic_dir,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from fusechat.shards import (
+    DistRow,
+    id_dtype,
+    read_dists,
+    read_representation,
+    shard_name,
+    write_dist_shard,
+)
 
 MULTI = "multi"
 

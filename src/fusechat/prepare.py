@@ -22,7 +22,15 @@ from fusechat.data.templates import Rendered, get_template
 from fusechat.errors import DataError, FusechatError
 from fusechat.models import load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.run import RunDir, atomic_dir, inputs_fingerprint, is_complete, new_manifest, sha256_tree, write_manifest
+from fusechat.rundir import (
+    RunDir,
+    atomic_dir,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    sha256_tree,
+    write_manifest,
+)
 
 MAX_LISTED_ERRORS = 20
 
@@ -263,7 +271,7 @@ def load_prepared(cfg: RunConfig):
     """The prepared dataset of a run (``datasets.Dataset``), or a clear error if prepare has not run."""
     from datasets import load_from_disk
 
-    from fusechat.run import read_manifest
+    from fusechat.rundir import read_manifest
 
     out = RunDir(cfg.run_dir).stage("prepare")
     manifest = read_manifest(out)

@@ -5,7 +5,7 @@ tokenizer (each model's own eos token where the template wrote ``{eos}``), run
 through the model in batches, and stored per token as the top-k next-token
 logits and ids, and per sequence as the mean cross-entropy on assistant tokens
 (the MinCE metric). Output: ``<run_dir>/represent/<model>/shard-*.parquet`` and
-a manifest (format in ``fusechat.representation``).
+a manifest (format in ``fusechat.shards``).
 
 Top-k and cross-entropy are taken on the model's device; only (B, T, k) tensors
 come back to the host. Under ``accelerate launch`` each process takes every
@@ -23,11 +23,31 @@ import numpy as np
 from fusechat.config import ModelSpec, RunConfig
 from fusechat.data.masks import assistant_token_mask
 from fusechat.errors import FusechatError
-from fusechat.models import config_hash, load_causal_lm, load_tokenizer, tokenizer_hash
+from fusechat.models import (
+    config_hash,
+    device_map_for,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_hash,
+)
 from fusechat.prepare import load_prepared
 from fusechat.progress import console, summary_table
-from fusechat.representation import SequenceRep, id_dtype, shard_files, shard_meta, shard_name, write_shard
-from fusechat.run import RunDir, inputs_fingerprint, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.rundir import (
+    RunDir,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from fusechat.shards import (
+    SequenceRep,
+    id_dtype,
+    shard_files,
+    shard_meta,
+    shard_name,
+    write_shard,
+)
 
 CE_CHUNK_ROWS = 1024  # rows of (N, V) logits upcast to fp32 at a time when computing cross-entropy
 
@@ -232,16 +252,6 @@ class Representer:
 # ---------------------------------------------------------------- the stage
 
 
-def _device_map(device: str, num_processes: int, state_device):
-    import torch
-
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if device == "auto" and num_processes == 1 and torch.cuda.device_count() > 1:
-        return "auto"  # one process, several GPUs: spread a large model over them
-    return str(state_device)
-
-
 def model_fingerprint(cfg: RunConfig, spec: ModelSpec, tok_hash: str, prepared_fp: str) -> str:
 
     payload = {
@@ -303,8 +313,8 @@ def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Pat
     todo = [i for i in range(num_shards) if i % state.num_processes == state.process_index and i not in done]
     tokens_this_run, elapsed = 0, 0.0
     if todo:
-        lm = load_causal_lm(spec, cfg.represent.dtype, _device_map(cfg.represent.device, state.num_processes,
-                                                                  state.device))
+        lm = load_causal_lm(spec, cfg.represent.dtype, device_map_for(cfg.represent.device, "represent.device",
+                                                                      state.num_processes, state.device))
         rep = Representer(lm, tokenizer, cfg.represent.top_k, cfg.represent.batch_size, cfg.represent.padding_side)
         started = time.time()
         tokens_this_run = _run_shards(rep, tokenizer, prepared, todo, size, out, eos_token, add_special, spec.name,

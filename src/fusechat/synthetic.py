@@ -10,12 +10,21 @@ import json
 from pathlib import Path
 
 from fusechat.config import RunConfig
-from fusechat.run import atomic_write_text
+from fusechat.rundir import atomic_write_text
+from fusechat.zoo.skills import ALL_SKILLS, conversations, eval_items
+
+
+def synthetic_problems(cfg: RunConfig) -> list[str]:
+    """Config problems of the `synthetic` section that only the skills themselves can tell."""
+    if cfg.synthetic is None:
+        return []
+    unknown = [k for k in cfg.synthetic.train if k not in ALL_SKILLS]
+    if not unknown:
+        return []
+    return [f"synthetic.train: unknown skill(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_SKILLS)}"]
 
 
 def ensure_synthetic(cfg: RunConfig) -> None:
-    from fusechat.zoo.skills import conversations, eval_items
-
     syn = cfg.synthetic
     if syn is None:
         return

@@ -24,8 +24,22 @@ from fusechat.config import ModelSpec, RunConfig
 from fusechat.errors import FusechatError
 from fusechat.models import load_tokenizer
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.representation import DistRow, id_dtype, read_representation, shard_name, write_dist_shard
-from fusechat.run import RunDir, atomic_dir, inputs_fingerprint, is_complete, new_manifest, read_manifest, write_manifest
+from fusechat.rundir import (
+    RunDir,
+    atomic_dir,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from fusechat.shards import (
+    DistRow,
+    id_dtype,
+    read_representation,
+    shard_name,
+    write_dist_shard,
+)
 
 
 def complete_representation(cfg: RunConfig, spec: ModelSpec) -> tuple[Path, dict]:

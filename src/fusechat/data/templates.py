@@ -187,3 +187,11 @@ def get_template(name: str, tokenizer=None):
     if name in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[name]
     raise FusechatError(f"unknown template {name!r}; use 'tokenizer' or one of: {', '.join(BUILTIN_TEMPLATES)}")
+
+
+FALLBACK_TEMPLATE = "openchat"  # for a tokenizer without a chat template of its own
+
+
+def fallback_template(tokenizer) -> BuiltinTemplate | None:
+    """The built-in template to render with when ``tokenizer`` has no chat template, else None (its own)."""
+    return None if getattr(tokenizer, "chat_template", None) else BUILTIN_TEMPLATES[FALLBACK_TEMPLATE]

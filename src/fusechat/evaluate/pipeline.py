@@ -9,7 +9,7 @@ and the wall time of every stage.
 from __future__ import annotations
 
 from fusechat.config import RunConfig
-from fusechat.run import STAGES, RunDir, read_manifest
+from fusechat.rundir import STAGES, RunDir, read_manifest
 
 # Stage -> folder(s) under the run directory whose manifests carry its elapsed_s.
 _PER_MODEL = {"represent", "align", "fuse", "train", "merge"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fusechat.run import atomic_write_json, atomic_write_text
+from fusechat.rundir import atomic_write_json, atomic_write_text
 
 # metric key -> (heading, which way is better, digits shown)
 METRICS = {

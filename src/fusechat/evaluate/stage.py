@@ -9,25 +9,31 @@ holds every item's greedy answer and bits, per model.
 
 from __future__ import annotations
 
-import gc
 import json
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from fusechat.config import EvalConfig, ModelSpec, RunConfig
+from fusechat.config import EvalConfig, RunConfig
 from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.items import EvalItem, load_items, skills_of
 from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
+from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
+from fusechat.evaluate.pipeline import pipeline_summary
 from fusechat.evaluate.report import format_markdown, write_report
+from fusechat.evaluate.rows import Row, folder_rows, model_rows
+from fusechat.models import with_model
 from fusechat.progress import console, progress_bar
-from fusechat.run import RunDir, atomic_dir, atomic_write_text, inputs_fingerprint, is_complete, new_manifest, read_manifest, \
-    sha256_file, write_manifest
-
-SKIPPED_MERGE_FOLDERS = ("analysis",)
-
+from fusechat.rundir import (
+    RunDir,
+    atomic_dir,
+    atomic_write_text,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    sha256_file,
+    write_manifest,
+)
 
 # ---------------------------------------------------------------- scoring
 
@@ -60,24 +66,14 @@ def score_models(models: dict[str, str], items: list[EvalItem], max_new_tokens: 
 
 def score_model(name: str, path: str, items: list[EvalItem], max_new_tokens: int, batch_size: int,
                 device: str = "cpu", on_batch=None) -> list[dict]:
-    import torch
+    exact = [i for i, it in enumerate(items) if it.kind == "exact"]
 
-    from fusechat.models import load_causal_lm, load_tokenizer
-
-    spec = ModelSpec(name=_spec_name(name), path=str(path))
-    tokenizer = load_tokenizer(spec)
-    model = load_causal_lm(spec, "fp32", resolve_device(device))
-    try:
-        model.eval()
-        exact = [i for i, it in enumerate(items) if it.kind == "exact"]
+    def work(model, tokenizer):
         answers = generate_answers(model, tokenizer, [items[i] for i in exact], max_new_tokens, batch_size,
                                    on_batch=on_batch)
-        bits = answer_bits(model, tokenizer, items, batch_size, on_batch=on_batch)
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        return answers, answer_bits(model, tokenizer, items, batch_size, on_batch=on_batch)
+
+    answers, bits = with_model(name, path, work, "fp32", device, setting="eval.device")
     predicted = dict(zip(exact, answers))
     records = []
     for i, (it, (b, n)) in enumerate(zip(items, bits)):
@@ -86,21 +82,6 @@ def score_model(name: str, path: str, items: list[EvalItem], max_new_tokens: int
             record.update(prediction=predicted[i], correct=exact_match(predicted[i], it.answer))
         records.append(record)
     return records
-
-
-def _spec_name(name: str) -> str:
-    """A valid ModelSpec name for any row name (it only labels messages)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "model"
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FusechatError("eval.device is cuda but no GPU is visible; use cpu or auto")
-    return device
 
 
 def tables(items: list[EvalItem], records: dict[str, list[dict]]) -> dict:
@@ -129,54 +110,6 @@ def _with_average(row: dict[str, float | None]) -> dict[str, float | None]:
     return {**row, "average": _mean([v for v in row.values() if v is not None])}
 
 
-# ---------------------------------------------------------------- the run's models
-
-
-@dataclass
-class Row:
-    name: str
-    path: str
-    identity: str  # what the model is made from: a stage manifest's fingerprint, or its config's hash
-    kind: str  # pivot, source, target or merge
-
-
-def model_rows(cfg: RunConfig) -> list[Row]:
-    """pivot, sources, complete targets, complete merges, in that order."""
-    from fusechat.models import config_hash
-
-    rows = [Row("pivot", cfg.pivot.path, config_hash(cfg.pivot), "pivot")]
-    rows += [Row(s.name, s.path, config_hash(s), "source") for s in cfg.sources]
-    rundir = RunDir(cfg.run_dir)
-    sources = [s.name for s in cfg.sources]
-    for folder in _complete_folders(rundir.stage("train"), [*sources, "sft", "multi"]):
-        label = folder.name if folder.name in ("sft", "multi") else f"target-{folder.name}"
-        rows.append(Row(label, str(folder), read_manifest(folder)["fingerprint"], "target"))
-    for folder in _complete_folders(rundir.stage("merge"), [cfg.merge.method, *cfg.merge.baselines]):
-        if folder.name not in SKIPPED_MERGE_FOLDERS:
-            rows.append(Row(folder.name, str(folder), read_manifest(folder)["fingerprint"], "merge"))
-    return _unique(rows)
-
-
-def _complete_folders(parent: Path, preferred: list[str]) -> list[Path]:
-    """Folders under ``parent`` whose manifest says complete: ``preferred`` names first, then the rest sorted."""
-    if not parent.is_dir():
-        return []
-    found = {p.name: p for p in parent.iterdir()
-             if p.is_dir() and not p.name.startswith(".") and (read_manifest(p) or {}).get("complete")}
-    order = [n for n in dict.fromkeys(preferred) if n in found] + sorted(n for n in found if n not in preferred)
-    return [found[n] for n in order]
-
-
-def _unique(rows: list[Row]) -> list[Row]:
-    """A later row whose name is taken gets its kind as prefix (a source named ``varm`` and ``merge-varm``)."""
-    seen: set[str] = set()
-    for row in rows:
-        if row.name in seen:
-            row.name = f"{row.kind}-{row.name}"
-        seen.add(row.name)
-    return rows
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -195,23 +128,27 @@ def load_all_items(paths: list[str]) -> list[EvalItem]:
 BENCHMARKS = ("items", "mt-bench")
 
 
+def chosen_benchmarks(settings: EvalConfig, benchmark: str | None, has_items: bool) -> list[str]:
+    """``benchmark`` alone when given; else the items (when there are any, or nothing else) and eval.benchmarks."""
+    if benchmark is not None:
+        if benchmark not in BENCHMARKS:
+            raise FusechatError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+        return [benchmark]
+    return [*(["items"] if has_items or not settings.benchmarks else []), *settings.benchmarks]
+
+
 def run(cfg: RunConfig, force: bool = False, benchmark: str | None = None) -> Path:
     """Evaluate the run's models on ``eval.data`` into ``<run_dir>/eval/`` and on ``eval.benchmarks``.
 
     ``benchmark`` runs that one only: ``items`` (``eval.data``) or ``mt-bench``
     (into ``<run_dir>/eval/mt_bench/``, see docs/mt-bench.md).
     """
-    out = RunDir(cfg.run_dir).stage("eval")
-    if benchmark is not None and benchmark not in BENCHMARKS:
-        raise FusechatError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
-    wanted = [benchmark] if benchmark else [*(["items"] if cfg.eval.data else []), *cfg.eval.benchmarks]
-    if "items" in wanted or not wanted:
+    wanted = chosen_benchmarks(cfg.eval, benchmark, bool(cfg.eval.data))
+    if "items" in wanted:
         run_items(cfg, force)
     if "mt-bench" in wanted:
-        from fusechat.evaluate.mtbench import run_mt_bench
-
         run_mt_bench(cfg, force=force)
-    return out
+    return RunDir(cfg.run_dir).stage("eval")
 
 
 def run_items(cfg: RunConfig, force: bool = False) -> Path:
@@ -230,8 +167,6 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
     records = score_models({r.name: r.path for r in rows}, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                            cfg.eval.device)
     results = with_context(tables(items, records), {r.name: r.path for r in rows}, cfg.eval.data, items)
-    from fusechat.evaluate.pipeline import pipeline_summary
-
     results["pipeline"] = pipeline_summary(cfg)
     with atomic_dir(out) as tmp:
         write_outputs(tmp, results, records, f"fusechat eval: {Path(cfg.run_dir).name}")
@@ -277,26 +212,23 @@ def show(results: dict, out: Path) -> None:
 # ---------------------------------------------------------------- any models, no run
 
 
-def evaluate_folders(paths: list[str], data: str | Path, out: str | Path, settings: EvalConfig | None = None) -> Path:
-    """``fusechat eval --models A B --data items.jsonl``: rows named after the folders, output in ``out``."""
+def evaluate_folders(paths: list[str], out: str | Path, settings: EvalConfig | None = None,
+                     data: str | Path | None = None, benchmark: str | None = None, force: bool = False) -> Path:
+    """``fusechat eval --models A B [--data items.jsonl] [--benchmark ...]``: rows named after the folders."""
     settings = settings or EvalConfig()
-    models = folder_rows(paths)
-    items = load_items(data)
-    records = score_models(models, items, settings.max_new_tokens, settings.batch_size, settings.device)
-    results = with_context(tables(items, records), models, [str(data)], items)
+    wanted = chosen_benchmarks(settings, benchmark, data is not None)
+    if "items" in wanted and data is None:
+        raise FusechatError("--models needs --data FILE: the evaluation items (JSONL, see docs/eval.md)")
+    if "items" not in wanted and data is not None:
+        raise FusechatError("--data goes with the items benchmark, not with --benchmark mt-bench")
     out = Path(out)
-    write_outputs(out, results, records, "fusechat eval")
-    show(results, out)
+    if "items" in wanted:
+        models = {r.name: r.path for r in folder_rows(paths)}
+        items = load_items(data)
+        records = score_models(models, items, settings.max_new_tokens, settings.batch_size, settings.device)
+        results = with_context(tables(items, records), models, [str(data)], items)
+        write_outputs(out, results, records, "fusechat eval")
+        show(results, out)
+    if "mt-bench" in wanted:
+        mt_bench_folders(paths, out, settings, force=force)
     return out
-
-
-def folder_rows(paths: list[str]) -> dict[str, str]:
-    """Row name (the folder's name) -> path; two folders with one name are an error."""
-    rows: dict[str, str] = {}
-    for p in paths:
-        name = Path(p.rstrip("/\\")).name or p
-        if name in rows:
-            raise FusechatError(f"--models: {rows[name]} and {p} are both named {name!r}; rows are named after "
-                                "the folders, so give them different names")
-        rows[name] = p
-    return rows

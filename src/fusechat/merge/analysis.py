@@ -6,9 +6,9 @@ from pathlib import Path
 
 from fusechat.config import RunConfig
 from fusechat.merge.methods import varm_weights
-from fusechat.merge.stage import layer_key, module_type
+from fusechat.merge.tensors_io import layer_key, module_type
 from fusechat.progress import console
-from fusechat.run import RunDir, atomic_write_json
+from fusechat.rundir import RunDir, atomic_write_json
 
 
 def write_analysis(cfg: RunConfig, inputs) -> Path:

@@ -19,28 +19,30 @@ import torch
 
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
-from fusechat.merge.methods import BASELINES, mergekit_merge, sce, variation, varm_weights, weighted_sum
-from fusechat.merge.tensors_io import ModelReader, StreamingWriter
+from fusechat.merge.analysis import write_analysis
+from fusechat.merge.methods import (
+    BASELINES,
+    mergekit_merge,
+    sce,
+    variation,
+    varm_weights,
+    weighted_sum,
+)
+from fusechat.merge.tensors_io import ModelReader, StreamingWriter, layer_key
 from fusechat.progress import console, progress_bar
-from fusechat.run import RunDir, atomic_write_json, atomic_write_text, inputs_fingerprint, is_complete, new_manifest, \
-    read_manifest, write_manifest
+from fusechat.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 
 CHUNK_ELEMENTS = 1 << 20  # VaRM reads tensors larger than this (4 MiB in fp32) a block of rows at a time
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 WEIGHT_FILES = re.compile(r"(\.safetensors$|^model\.safetensors\.index\.json$|^manifest\.json$|^README\.md$)")
-
-
-def layer_key(name: str) -> str:
-    """The layer a tensor belongs to (``layer 3``), or its own name outside the repeated blocks."""
-    m = LAYER_RE.search(name)
-    return f"layer {int(m.group(1))}" if m else name
-
-
-def module_type(name: str) -> str:
-    """``self_attn.q_proj`` for ``model.layers.3.self_attn.q_proj.weight``."""
-    m = LAYER_RE.search(name)
-    rest = name[m.end():] if m else name
-    return re.sub(r"\.(weight|bias)$", "", rest)
 
 
 def merge_targets(cfg: RunConfig) -> list[str]:
@@ -133,8 +135,6 @@ def run(cfg: RunConfig, force: bool = False, analyze: bool = False) -> list[Path
         methods = list(dict.fromkeys([cfg.merge.method, *cfg.merge.baselines]))
         outs = [merge_one(cfg, inputs, method, force) for method in methods]
         if analyze:
-            from fusechat.merge.analysis import write_analysis
-
             outs.append(write_analysis(cfg, inputs))
     finally:
         inputs.close()
@@ -169,7 +169,7 @@ def merge_tensor(cfg: RunConfig, method: str, pivot: torch.Tensor,
 
 
 def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) -> Path:
-    from fusechat.run import atomic_dir
+    from fusechat.rundir import atomic_dir
 
     out = RunDir(cfg.run_dir).stage("merge", method)
     payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": method,

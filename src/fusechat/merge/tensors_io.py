@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,3 +204,19 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The layer a tensor belongs to (``layer 3``), or its own name outside the repeated blocks."""
+    m = LAYER_RE.search(name)
+    return f"layer {int(m.group(1))}" if m else name
+
+
+def module_type(name: str) -> str:
+    """``self_attn.q_proj`` for ``model.layers.3.self_attn.q_proj.weight``."""
+    m = LAYER_RE.search(name)
+    rest = name[m.end():] if m else name
+    return re.sub(r"\.(weight|bias)$", "", rest)

@@ -43,7 +43,7 @@ def load_fused(folder: Path, cache_dir: Path):
     """The fuse stage's shards as a memory-mapped dataset, ordered by sequence."""
     import datasets
 
-    from fusechat.representation import shard_files
+    from fusechat.shards import shard_files
 
     files = [str(p) for _, p in sorted(shard_files(folder).items())]
     ds = datasets.Dataset.from_parquet(files, cache_dir=str(cache_dir), keep_in_memory=False)

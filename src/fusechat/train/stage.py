@@ -18,8 +18,15 @@ from pathlib import Path
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.progress import console
-from fusechat.run import RunDir, atomic_write_text, inputs_fingerprint, is_complete, new_manifest, read_manifest, \
-    write_manifest
+from fusechat.rundir import (
+    RunDir,
+    atomic_write_text,
+    inputs_fingerprint,
+    is_complete,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 
 SFT, MULTI = "sft", "multi"
 
@@ -214,7 +221,7 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 def _save_target(cfg: RunConfig, name: str, model, tokenizer, out: Path, fingerprint: str, stats: dict) -> None:
     from fusechat.data.templates import BUILTIN_TEMPLATES
-    from fusechat.run import atomic_dir
+    from fusechat.rundir import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -18,7 +18,13 @@ from pathlib import Path
 import yaml
 
 from fusechat.progress import console
-from fusechat.run import atomic_dir, inputs_fingerprint, new_manifest, read_manifest, write_manifest
+from fusechat.rundir import (
+    atomic_dir,
+    inputs_fingerprint,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 from fusechat.zoo.skills import SKILLS, conversations
 
 

@@ -14,7 +14,14 @@ ARCHITECTURES = ("llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma")
 def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, tie: bool = False,
                 max_positions: int = 2048, bos_id: int | None = None, eos_id: int | None = None,
                 pad_id: int | None = None):
-    from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config)
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+    )
 
     ids = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=tie)
     if arch == "gpt2":

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusechat.evaluate.report import draw_bars, save_figure
-from fusechat.run import atomic_write_json, atomic_write_text
+from fusechat.rundir import atomic_write_json, atomic_write_text
 
 SCORE = "mt_bench_score"
 BITS = "reference_bits_per_byte"

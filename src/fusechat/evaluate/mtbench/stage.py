@@ -12,17 +12,17 @@ other settings are not mixed with new ones: the run stops and asks for
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
-from fusechat.config import EvalConfig, ModelSpec, RunConfig
+from fusechat.config import EvalConfig, RunConfig
 from fusechat.errors import FusechatError
 from fusechat.evaluate.mtbench.answers import (
     answer_path,
     answer_questions,
     read_answers,
 )
-from fusechat.evaluate.mtbench.data import Benchmark, load_benchmark
+from fusechat.evaluate.mtbench.data import Benchmark, load_benchmark, locate
+from fusechat.evaluate.mtbench.endpoint import EndpointJudge
 from fusechat.evaluate.mtbench.jsonl import read_records
 from fusechat.evaluate.mtbench.judge import (
     LocalJudge,
@@ -41,8 +41,10 @@ from fusechat.evaluate.mtbench.report import (
     score_table,
     write_report,
 )
+from fusechat.evaluate.rows import folder_rows, model_rows
+from fusechat.models import model_path_problem, with_model
 from fusechat.progress import console, progress_bar
-from fusechat.run import RunDir, atomic_write_json, atomic_write_text, sha256_file
+from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, sha256_file
 
 LEDGER = "models.json"
 FOLDER = "mt_bench"
@@ -50,12 +52,8 @@ FOLDER = "mt_bench"
 
 def run_mt_bench(cfg: RunConfig, force: bool = False) -> Path:
     """MT-Bench for the pivot, sources, targets and merges of a run."""
-    from fusechat.evaluate.stage import model_rows
-
     out = RunDir(cfg.run_dir).stage("eval", FOLDER)
     if cfg.eval.mt_bench.skip_if_missing:
-        from fusechat.evaluate.mtbench.data import locate
-
         try:
             locate(cfg.eval.mt_bench.data_dir)
         except FusechatError as e:
@@ -65,14 +63,10 @@ def run_mt_bench(cfg: RunConfig, force: bool = False) -> Path:
     return evaluate(rows, out, cfg.eval, force, f"MT-Bench: {Path(cfg.run_dir).name}")
 
 
-def evaluate_folders(paths: list[str], out: str | Path, settings: EvalConfig | None = None,
+def mt_bench_folders(paths: list[str], out: str | Path, settings: EvalConfig | None = None,
                      force: bool = False) -> Path:
     """``fusechat eval --benchmark mt-bench --models A B``: rows named after the folders, into ``<out>/mt_bench/``."""
-    from fusechat.evaluate.stage import _spec_name, folder_rows
-    from fusechat.models import config_hash
-
-    rows = {name: (path, config_hash(ModelSpec(name=_spec_name(name), path=path)))
-            for name, path in folder_rows(paths).items()}
+    rows = {r.name: (r.path, r.identity) for r in folder_rows(paths)}
     return evaluate(rows, Path(out) / FOLDER, settings or EvalConfig(), force, "MT-Bench")
 
 
@@ -123,30 +117,21 @@ def _run_model(name: str, path: str, identity: str, bench: Benchmark, settings: 
     n_reference = len(reference_items(bench))
     if not todo and bits is not None:
         return done, bits
-    import torch
 
-    from fusechat.evaluate.stage import _spec_name, resolve_device
-    from fusechat.models import load_causal_lm, load_tokenizer
-
-    spec = ModelSpec(name=_spec_name(name), path=str(path))
-    tokenizer = load_tokenizer(spec)
-    model = load_causal_lm(spec, mt.dtype, resolve_device(settings.device))
-    try:
+    def work(model, tokenizer):
+        answers, scored = done, bits
         if todo:
             task = bar.add_task(f"mt-bench {name}", total=len(bench.questions), completed=len(bench.questions) - todo)
-            done = answer_questions(model, tokenizer, bench.questions, file, name, mt.max_new_tokens,
-                                    settings.batch_size, mt.temperature, on_question=lambda q: bar.advance(task))
-        if bits is None:
+            answers = answer_questions(model, tokenizer, bench.questions, file, name, mt.max_new_tokens,
+                                       settings.batch_size, mt.temperature, on_question=lambda q: bar.advance(task))
+        if scored is None:
             task = bar.add_task(f"reference bits {name}", total=n_reference)
-            bits = reference_bits(model, tokenizer, bench, settings.batch_size,
-                                  on_batch=lambda n: bar.advance(task, n))
-            atomic_write_json(bits_file, {**bits_key, "records": bits})
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return done, bits
+            scored = reference_bits(model, tokenizer, bench, settings.batch_size,
+                                    on_batch=lambda n: bar.advance(task, n))
+            atomic_write_json(bits_file, {**bits_key, "records": scored})
+        return answers, scored
+
+    return with_model(name, path, work, mt.dtype, settings.device, setting="eval.device")
 
 
 def _cached_bits(path: Path, key: dict) -> list[dict] | None:
@@ -168,8 +153,6 @@ def _cached_bits(path: Path, key: dict) -> list[dict] | None:
 
 def _check_judge(mt) -> None:
     """A judge that cannot be reached is reported before any answer is generated."""
-    from fusechat.models import model_path_problem
-
     if mt.judge_endpoint:
         if not mt.judge_endpoint.startswith(("http://", "https://")):
             raise FusechatError(f"eval.mt_bench.judge_endpoint must be an http:// or https:// URL, "
@@ -184,27 +167,13 @@ def _run_judge(mt, settings: EvalConfig, name: str, requests, file: Path, bar) -
     task = bar.add_task(f"judge {name}", total=len(requests))
     advance = lambda _: bar.advance(task)
     if mt.judge_endpoint:
-        from fusechat.evaluate.mtbench.endpoint import EndpointJudge
-
         judge = EndpointJudge(mt.judge_endpoint, mt.judge, mt.judge_api_key_env, mt.judge_max_new_tokens,
                               mt.judge_timeout_s, mt.judge_retries, mt.judge_backoff_s)
         judge_requests(judge, requests, file, name, on_request=advance)
         return
-    import torch
-
-    from fusechat.evaluate.stage import _spec_name, resolve_device
-    from fusechat.models import load_causal_lm, load_tokenizer
-
-    spec = ModelSpec(name=_spec_name(name), path=mt.judge)
-    model = load_causal_lm(spec, mt.dtype, resolve_device(settings.device))
-    try:
-        judge = LocalJudge(model, load_tokenizer(spec), mt.judge_max_new_tokens, settings.batch_size)
-        judge_requests(judge, requests, file, name, on_request=advance)
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with_model(name, mt.judge, lambda model, tokenizer: judge_requests(
+        LocalJudge(model, tokenizer, mt.judge_max_new_tokens, settings.batch_size), requests, file, name,
+        on_request=advance), mt.dtype, settings.device, setting="eval.device")
 
 
 # ---------------------------------------------------------------- which answers belong to which model

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat import __version__
+from fusechat.config import stable_hash
 from fusechat.errors import FusechatError
 
 STAGES = ("prepare", "represent", "align", "fuse", "train", "merge", "eval")
@@ -123,9 +124,7 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
     )
 
 
-def inputs_fingerprint(payload: Any) -> str:
-    """Short stable hash of a JSON-able description of a stage's inputs and settings."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+inputs_fingerprint = stable_hash  # the stages' name for it
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,68 @@
+"""Which models a table has: a run's pivot, sources, complete targets and merges, or folders named on the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusechat.config import RunConfig
+from fusechat.errors import FusechatError
+from fusechat.models import config_hash, row_spec
+from fusechat.rundir import RunDir, read_manifest
+
+SKIPPED_MERGE_FOLDERS = ("analysis",)
+
+
+@dataclass
+class Row:
+    name: str
+    path: str
+    identity: str  # what the model is made from: a stage manifest's fingerprint, or its config's hash
+    kind: str  # pivot, source, target, merge or folder
+
+
+def model_rows(cfg: RunConfig) -> list[Row]:
+    """pivot, sources, complete targets, complete merges, in that order."""
+    rows = [Row("pivot", cfg.pivot.path, config_hash(cfg.pivot), "pivot")]
+    rows += [Row(s.name, s.path, config_hash(s), "source") for s in cfg.sources]
+    rundir = RunDir(cfg.run_dir)
+    sources = [s.name for s in cfg.sources]
+    for folder in _complete_folders(rundir.stage("train"), [*sources, "sft", "multi"]):
+        label = folder.name if folder.name in ("sft", "multi") else f"target-{folder.name}"
+        rows.append(Row(label, str(folder), read_manifest(folder)["fingerprint"], "target"))
+    for folder in _complete_folders(rundir.stage("merge"), [cfg.merge.method, *cfg.merge.baselines]):
+        if folder.name not in SKIPPED_MERGE_FOLDERS:
+            rows.append(Row(folder.name, str(folder), read_manifest(folder)["fingerprint"], "merge"))
+    return _unique(rows)
+
+
+def folder_rows(paths: list[str]) -> list[Row]:
+    """One row per folder, named after it; two folders with one name are an error."""
+    rows: dict[str, Row] = {}
+    for p in paths:
+        name = Path(p.rstrip("/\\")).name or p
+        if name in rows:
+            raise FusechatError(f"--models: {rows[name].path} and {p} are both named {name!r}; rows are named "
+                                "after the folders, so give them different names")
+        rows[name] = Row(name, p, config_hash(row_spec(name, p)), "folder")
+    return list(rows.values())
+
+
+def _complete_folders(parent: Path, preferred: list[str]) -> list[Path]:
+    """Folders under ``parent`` whose manifest says complete: ``preferred`` names first, then the rest sorted."""
+    if not parent.is_dir():
+        return []
+    found = {p.name: p for p in parent.iterdir()
+             if p.is_dir() and not p.name.startswith(".") and (read_manifest(p) or {}).get("complete")}
+    order = [n for n in dict.fromkeys(preferred) if n in found] + sorted(n for n in found if n not in preferred)
+    return [found[n] for n in order]
+
+
+def _unique(rows: list[Row]) -> list[Row]:
+    """A later row whose name is taken gets its kind as prefix (a source named ``varm`` and ``merge-varm``)."""
+    seen: set[str] = set()
+    for row in rows:
+        if row.name in seen:
+            row.name = f"{row.kind}-{row.name}"
+        seen.add(row.name)
+    return rows

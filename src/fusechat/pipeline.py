@@ -1,0 +1,110 @@
+"""The pipeline: a run config loaded once, its models and data made ready once, then the stages in order.
+
+Each stage is a module with ``run(cfg, force=..., **options)``; this module is the only
+place that knows their order. ``load_run`` is what every command that runs stages calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RunConfig, load_config
+from fusechat.errors import ConfigError
+from fusechat.model_sources import (
+    ensure_converted,
+    is_converted,
+    model_folder,
+    source_problem,
+    zoo_problem,
+)
+from fusechat.models import model_path_problem
+from fusechat.progress import console
+from fusechat.rundir import STAGES, RunDir
+from fusechat.synthetic import ensure_synthetic, synthetic_problems
+
+# Stage -> module. Imported when the stage runs: mergekit alone takes seconds to import.
+STAGE_MODULES = {
+    "prepare": "fusechat.prepare",
+    "represent": "fusechat.represent",
+    "align": "fusechat.align",
+    "fuse": "fusechat.fuse",
+    "train": "fusechat.train",
+    "merge": "fusechat.merge",
+    "eval": "fusechat.evaluate",
+}
+
+
+def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
+    """The run config at ``path``: valid, every model given its folder, and (``runnable``) nothing missing."""
+    cfg = load_config(path, overrides)
+    problems = synthetic_problems(cfg)
+    if problems:
+        raise ConfigError(str(path), problems)
+    resolve_paths(cfg)
+    if runnable:
+        require_runnable(cfg, source=str(path))
+    return cfg
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Give every model entry its folder (`path`), so that every stage reads `spec.path` alone."""
+    for spec in cfg.models:
+        if spec.path is None:
+            spec.path = str(model_folder(spec))
+    return cfg
+
+
+def run_problems(cfg: RunConfig) -> list[str]:
+    """What a valid config still lacks to run here: data files, model folders, model packages."""
+    problems = []
+    generated = {str(f) for f in cfg.synthetic.files()} if cfg.synthetic else set()
+    for i, p in enumerate(cfg.data.paths):
+        if Path(p).exists() or str(Path(p)) in generated:
+            continue
+        if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
+            continue  # a hub dataset id, loaded by the prepare stage
+        problems.append(f"data.paths[{i}]: file not found: {p}")
+    for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
+        if m.gguf is not None:
+            problem = None if is_converted(model_folder(m)) else source_problem(m.gguf)
+            field = "gguf"
+        elif m.zoo is not None:
+            problem, field = zoo_problem(m.zoo), "zoo"
+        else:
+            problem, field = model_path_problem(m.path), "path"
+        if problem:
+            problems.append(f"{where}.{field}: {problem}")
+    return problems
+
+
+def require_runnable(cfg: RunConfig, source: str = "config") -> RunConfig:
+    """The config, or a ConfigError listing everything a run of it still lacks."""
+    problems = run_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems, headline="not ready to run")
+    return cfg
+
+
+def make_ready(cfg: RunConfig) -> None:
+    """Once before the stages: the run's config saved, synthetic data written, GGUF and zoo models made."""
+    resolve_paths(cfg)
+    RunDir(cfg.run_dir).save_config(cfg.to_yaml())
+    ensure_synthetic(cfg)
+    for spec in cfg.models:
+        ensure_converted(spec)
+
+
+def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> None:
+    """One stage of a run whose models and data are ready (`make_ready`)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
+
+
+def run_all(cfg: RunConfig, force: bool = False) -> None:
+    """Every stage in order; complete stages skip themselves."""
+    make_ready(cfg)
+    for stage in STAGES:
+        console.rule(f"[bold]{stage}")
+        run_stage(stage, cfg, force=force)
