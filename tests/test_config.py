@@ -435,7 +435,7 @@ def flat(text):
 def test_cli_validate_prints_resolved_yaml(tmp_path, config_lines, data_file, capsys):
     assert cli("validate", write(tmp_path, config_lines)) == 0
     out = yaml.safe_load(capsys.readouterr().out)
-    assert out["pivot"] == {"name": "pivot", "path": "org/pivot-model", "gguf": None, "zoo": None, "revision": None,
+    assert out["pivot"] == {"name": "pivot", "path": "org/pivot-model", "gguf": None, "zoo": None, "skills": [], "revision": None,
                             "trust_remote_code": False}
     assert out["data"]["paths"] == [str(data_file)]
     assert out["data"]["on_bad_record"] == "error"

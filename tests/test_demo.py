@@ -1,19 +1,14 @@
 import json
 
 from fusechat.demo import run_demo
-from fusechat.zoo.build import ZooModel, ZooSpec
 
-MICRO = ZooSpec(models=(
-    ZooModel("pivot", "llama", "byte_bpe", 400, 16, 1, {"repeat": 16, "describe": 4}, steps=2, batch_size=4),
-    ZooModel("describer", "mixtral", "sp_bpe", 400, 16, 1, {"describe": 16}, steps=2, batch_size=4),
-    ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
-))
-FAST = {"train": {"max_steps": 2, "global_batch_size": 4, "per_device_batch_size": 4},
-        "eval": {"max_new_tokens": 4}}
+FAST = ["synthetic.train={reverse: 3, add: 3, convert: 3, capitalise: 3, repeat: 3, describe: 3, forecast: 3}",
+        "synthetic.eval_per_skill=2", "train.max_steps=2", "train.global_batch_size=4",
+        "train.per_device_batch_size=4", "eval.max_new_tokens=4"]
 
 
 def test_micro_demo_runs_the_whole_pipeline(tmp_path):
-    results = run_demo(tmp_path, spec=MICRO, mixture_per_skill=3, eval_per_skill=2, overrides=FAST)
+    results = run_demo(tmp_path, zoo="micro", overrides=FAST)
     rows = ["pivot", "describer", "converter", "target-describer", "target-converter", "sft", "multi",
             "varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
     assert list(results["bits_per_byte"]) == rows
@@ -26,6 +21,9 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path):
     for name in ("results.md", "results.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "entropy floor" in (tmp_path / "eval" / "results.md").read_text()
+    # the zoo models were built where the config's `zoo:` entries put them
+    for model in ("pivot", "describer", "converter"):
+        assert json.loads((tmp_path / "zoo-micro" / "models" / model / "manifest.json").read_text())["complete"]
     # what the stages recorded, read back from their manifests beside the scores
     pipeline = results["pipeline"]
     run = tmp_path / "run"

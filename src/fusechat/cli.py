@@ -198,12 +198,14 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo run.")] = Path("fusechat-demo"),
+    zoo: Annotated[str, typer.Option(help="demo (the shipped zoo) or micro (the pipeline in about a minute).")] = "demo",
+    set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Fuse a zoo of tiny chat models end to end and print the results table (no GPU or hub needed)."""
     from fusechat.demo import run_demo
 
-    run_demo(out, force=force)
+    run_demo(out, force=force, zoo=zoo, overrides=set_)
 
 
 zoo_app = typer.Typer(help="The tiny chat models the demo fuses.", no_args_is_help=True)

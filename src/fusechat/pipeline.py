@@ -18,6 +18,7 @@ from fusechat.model_sources import (
     model_folder,
     source_problem,
     zoo_problem,
+    zoo_skills,
 )
 from fusechat.models import model_path_problem
 from fusechat.progress import console
@@ -49,10 +50,13 @@ def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnab
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Give every model entry its folder (`path`), so that every stage reads `spec.path` alone."""
+    """Give every model entry its folder (`path`), so that every stage reads `spec.path` alone;
+    a zoo source without `skills` gets the skills it was trained on."""
     for spec in cfg.models:
         if spec.path is None:
             spec.path = str(model_folder(spec))
+        if spec.zoo is not None and not spec.skills:
+            spec.skills = zoo_skills(spec.zoo)
     return cfg
 
 

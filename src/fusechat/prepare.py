@@ -28,6 +28,7 @@ from fusechat.rundir import (
     inputs_fingerprint,
     is_complete,
     new_manifest,
+    read_manifest,
     sha256_tree,
     write_manifest,
 )
@@ -271,7 +272,6 @@ def load_prepared(cfg: RunConfig):
     """The prepared dataset of a run (``datasets.Dataset``), or a clear error if prepare has not run."""
     from datasets import load_from_disk
 
-    from fusechat.rundir import read_manifest
 
     out = RunDir(cfg.run_dir).stage("prepare")
     manifest = read_manifest(out)

@@ -22,6 +22,7 @@ import numpy as np
 
 from fusechat.config import ModelSpec, RunConfig
 from fusechat.data.masks import assistant_token_mask
+from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.models import (
     config_hash,
@@ -31,7 +32,7 @@ from fusechat.models import (
     tokenizer_hash,
 )
 from fusechat.prepare import load_prepared
-from fusechat.progress import console, summary_table
+from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import (
     RunDir,
     inputs_fingerprint,
@@ -270,7 +271,6 @@ def run(cfg: RunConfig, force: bool = False, model: str | None = None) -> list[P
 def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     import shutil
 
-    from fusechat.distributed import process_state
 
     state = process_state(cfg.represent.device)
     rundir = RunDir(cfg.run_dir)
@@ -343,7 +343,6 @@ def _sum_over_processes(value: int, state) -> int:
 def _run_shards(rep: Representer, tokenizer, prepared, todo, size, out, eos_token, add_special, name, state) -> int:
     from rich.progress import TextColumn
 
-    from fusechat.progress import progress_bar
 
     total_seqs = sum(min(size, len(prepared) - i * size) for i in todo)
     tokens = sequences = 0

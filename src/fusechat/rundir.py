@@ -21,6 +21,7 @@ from typing import Any
 from fusechat import __version__
 from fusechat.config import stable_hash
 from fusechat.errors import FusechatError
+from fusechat.progress import console
 
 STAGES = ("prepare", "represent", "align", "fuse", "train", "merge", "eval")
 # Folder of each stage's output under the run directory.
@@ -111,7 +112,6 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
         return False
     if manifest.get("fingerprint") == fingerprint:
         if not force and label:
-            from fusechat.progress import console
 
             console.print(f"{label}: {folder} is complete, skipping")
         return not force

@@ -7,7 +7,11 @@ A JSONL file holds one item per line::
 
 ``kind`` is ``exact`` (one right answer: judged by exact match of the greedy
 answer) or ``distribution`` (many valid answers: judged by the bits per byte the
-model spends on the reference answer).
+model spends on the reference answer). A distribution item may also give its
+question's true answer distribution's entropy in bits and expected answer length
+in bytes (``entropy_bits``, ``expected_bytes``); a skill whose items all give them
+gets an entropy floor in the table: the bits per byte of a model that knows the
+true distribution.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fusechat.errors import DataError
 KINDS = ("exact", "distribution")
 ROLES = ("system", "user", "assistant")
 FIELDS = ("id", "skill", "kind", "messages", "answer")
+FLOOR_FIELDS = ("entropy_bits", "expected_bytes")
 
 
 @dataclass
@@ -30,6 +35,7 @@ class EvalItem:
     kind: str  # "exact" or "distribution"
     messages: list[dict] = field(default_factory=list)  # [{"role", "content"}], the last one a user turn
     answer: str = ""
+    floor: tuple[float, float] | None = None  # (entropy_bits, expected_bytes) of the true answer distribution
 
 
 class _Bad(Exception):
@@ -78,7 +84,21 @@ def parse_item(line: str) -> EvalItem:
         raise _Bad(f"field 'kind' must be one of {', '.join(KINDS)}, got {record['kind']!r}")
     answer = _text(record, "answer")
     return EvalItem(id=str(item_id), skill=skill, kind=record["kind"], messages=_messages(record["messages"]),
-                    answer=answer)
+                    answer=answer, floor=_floor(record))
+
+
+def _floor(record: dict) -> tuple[float, float] | None:
+    given = [k for k in FLOOR_FIELDS if k in record]
+    if not given:
+        return None
+    if len(given) < len(FLOOR_FIELDS):
+        missing = next(k for k in FLOOR_FIELDS if k not in record)
+        raise _Bad(f"field {missing!r} is missing: an entropy floor needs both {' and '.join(FLOOR_FIELDS)}")
+    for k in FLOOR_FIELDS:
+        v = record[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise _Bad(f"field {k!r} must be a number >= 0, got {v!r}")
+    return float(record["entropy_bits"]), float(record["expected_bytes"])
 
 
 def _text(record: dict, key: str) -> str:
@@ -109,3 +129,14 @@ def _messages(value) -> list[dict]:
 def skills_of(items: list[EvalItem]) -> list[str]:
     """The skills in order of first appearance."""
     return list(dict.fromkeys(it.skill for it in items))
+
+
+def entropy_floors(items: list[EvalItem]) -> dict[str, float]:
+    """Per skill whose items all give their floor: Σ entropy bits / Σ expected bytes."""
+    floors = {}
+    for skill in skills_of(items):
+        of_skill = [it.floor for it in items if it.skill == skill]
+        if all(f is not None for f in of_skill):
+            n_bytes = sum(b for _, b in of_skill)
+            floors[skill] = round(sum(h for h, _ in of_skill) / n_bytes, 4) if n_bytes else 0.0
+    return floors

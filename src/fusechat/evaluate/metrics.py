@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
+from fusechat.data.templates import FALLBACK_TEMPLATE, fallback_template
 from fusechat.errors import FusechatError
 from fusechat.evaluate.items import EvalItem
 from fusechat.progress import console
 
-FALLBACK_TEMPLATE = "openchat"
 _warned: set[tuple[str, str]] = set()
 
 
@@ -36,13 +36,12 @@ class ChatEncoder:
     """Token ids of prompts and answers as the tokenizer's chat template lays them out."""
 
     def __init__(self, tokenizer):
-        from fusechat.data.templates import BUILTIN_TEMPLATES
 
         self.tokenizer = tokenizer
         self.name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        self.template = None  # None: the tokenizer's own chat template
-        if not getattr(tokenizer, "chat_template", None):
-            self.template = BUILTIN_TEMPLATES[FALLBACK_TEMPLATE].jinja
+        builtin = fallback_template(tokenizer)
+        self.template = builtin.jinja if builtin else None  # None: the tokenizer's own chat template
+        if builtin:
             _warn_once(tokenizer, "template", f"{self.name} has no chat template; "
                                               f"using the built-in {FALLBACK_TEMPLATE} template")
         self.bos = self._bos_prefix()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fusechat.evaluate.pipeline import format_pipeline
 from fusechat.rundir import atomic_write_json, atomic_write_text
 
 # metric key -> (heading, which way is better, digits shown)
@@ -53,7 +54,6 @@ def format_markdown(results: dict, title: str | None = None) -> str:
                   for name, row in rows.items()]
         parts.append("\n".join(lines) + "\n")
     if results.get("pipeline"):
-        from fusechat.evaluate.pipeline import format_pipeline
 
         parts.append(format_pipeline(results["pipeline"]))
     return "\n".join(parts)

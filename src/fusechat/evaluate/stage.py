@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fusechat.config import EvalConfig, RunConfig
 from fusechat.errors import DataError, FusechatError
-from fusechat.evaluate.items import EvalItem, load_items, skills_of
+from fusechat.evaluate.items import EvalItem, entropy_floors, load_items, skills_of
 from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
 from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
 from fusechat.evaluate.pipeline import pipeline_summary
@@ -167,6 +167,9 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
     records = score_models({r.name: r.path for r in rows}, items, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                            cfg.eval.device)
     results = with_context(tables(items, records), {r.name: r.path for r in rows}, cfg.eval.data, items)
+    source_skills = {s.name: sorted(s.skills) for s in cfg.sources if s.skills}
+    if source_skills:
+        results["source_skills"] = source_skills
     results["pipeline"] = pipeline_summary(cfg)
     with atomic_dir(out) as tmp:
         write_outputs(tmp, results, records, f"fusechat eval: {Path(cfg.run_dir).name}")
@@ -193,7 +196,9 @@ def eval_fingerprint(cfg: RunConfig, rows: list[Row]) -> str:
 def with_context(results: dict, models: dict[str, str], data: list[str], items: list[EvalItem]) -> dict:
     """The tables plus what they were measured on: model paths, data files, items per skill."""
     counts = {s: sum(it.skill == s for it in items) for s in skills_of(items)}
-    return {**results, "models": models, "data": [str(p) for p in data], "items": counts}
+    floors = entropy_floors(items)
+    return {**results, **({"entropy_floor": floors} if floors else {}), "models": models,
+            "data": [str(p) for p in data], "items": counts}
 
 
 def write_outputs(folder: Path, results: dict, records: dict[str, list[dict]], title: str) -> None:

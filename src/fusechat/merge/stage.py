@@ -28,10 +28,11 @@ from fusechat.merge.methods import (
     varm_weights,
     weighted_sum,
 )
-from fusechat.merge.tensors_io import ModelReader, StreamingWriter, layer_key
+from fusechat.merge.tensors_io import DTYPES, ModelReader, StreamingWriter, layer_key
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
     RunDir,
+    atomic_dir,
     atomic_write_json,
     atomic_write_text,
     inputs_fingerprint,
@@ -169,7 +170,6 @@ def merge_tensor(cfg: RunConfig, method: str, pivot: torch.Tensor,
 
 
 def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) -> Path:
-    from fusechat.rundir import atomic_dir
 
     out = RunDir(cfg.run_dir).stage("merge", method)
     payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": method,
@@ -244,7 +244,6 @@ def _is_float(dtype_name: str) -> bool:
 
 
 def _dtype(name: str) -> torch.dtype:
-    from fusechat.merge.tensors_io import DTYPES
 
     return DTYPES[name]
 

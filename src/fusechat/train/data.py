@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusechat.shards import shard_files
+
 
 class FusionDataset(torch.utils.data.Dataset):
     """Row ``i`` of a subset of prepared sequences, with its fused distributions if any.
@@ -43,7 +45,6 @@ def load_fused(folder: Path, cache_dir: Path):
     """The fuse stage's shards as a memory-mapped dataset, ordered by sequence."""
     import datasets
 
-    from fusechat.shards import shard_files
 
     files = [str(p) for _, p in sorted(shard_files(folder).items())]
     ds = datasets.Dataset.from_parquet(files, cache_dir=str(cache_dir), keep_in_memory=False)

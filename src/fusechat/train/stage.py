@@ -16,10 +16,16 @@ import time
 from pathlib import Path
 
 from fusechat.config import RunConfig
+from fusechat.data.templates import BUILTIN_TEMPLATES
+from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
+from fusechat.fuse import fuse_set
+from fusechat.models import load_causal_lm, load_tokenizer, tokenizer_hash
+from fusechat.prepare import load_prepared
 from fusechat.progress import console
 from fusechat.rundir import (
     RunDir,
+    atomic_dir,
     atomic_write_text,
     inputs_fingerprint,
     is_complete,
@@ -27,6 +33,8 @@ from fusechat.rundir import (
     read_manifest,
     write_manifest,
 )
+from fusechat.train.data import FusionCollator, FusionDataset, load_fused
+from fusechat.train.trainer import FusionTrainer
 
 SFT, MULTI = "sft", "multi"
 
@@ -61,7 +69,6 @@ def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[
     for name in names:
         target_cfg = baseline_config(cfg, name) if name in cfg.train.baselines else cfg
         if name == MULTI and name in cfg.train.baselines:
-            from fusechat.fuse import fuse_set
 
             fuse_set(target_cfg, MULTI, [s.name for s in cfg.sources], force)
         outs.append(train_target(target_cfg, name, force))
@@ -96,11 +103,6 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
 def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
     from transformers import TrainingArguments
 
-    from fusechat.distributed import process_state
-    from fusechat.models import load_causal_lm, load_tokenizer, tokenizer_hash
-    from fusechat.prepare import load_prepared
-    from fusechat.train.data import FusionCollator, FusionDataset, load_fused
-    from fusechat.train.trainer import FusionTrainer
 
     t = cfg.train
     state = process_state("auto")
@@ -220,8 +222,6 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 
 def _save_target(cfg: RunConfig, name: str, model, tokenizer, out: Path, fingerprint: str, stats: dict) -> None:
-    from fusechat.data.templates import BUILTIN_TEMPLATES
-    from fusechat.rundir import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from fusechat import prepare
+from fusechat.config import load_config
+from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.progress import console
 from fusechat.rundir import (
     atomic_dir,
@@ -25,7 +28,10 @@ from fusechat.rundir import (
     read_manifest,
     write_manifest,
 )
+from fusechat.train.stage import train_target
+from fusechat.zoo.models import build_model as init_model
 from fusechat.zoo.skills import SKILLS, conversations
+from fusechat.zoo.tokenizers import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,31 @@ DEMO_ZOO = ZooSpec(models=(
     ZooModel("calculator", "gpt2", "char", 0, 128, 4, {"add": 6000}, steps=1500, learning_rate=3e-3),
 ))
 
+# A zoo of the smallest models that still exercise every stage: the whole pipeline in about a minute.
+MICRO_ZOO = ZooSpec(models=(
+    ZooModel("pivot", "llama", "byte_bpe", 400, 16, 1, {"repeat": 16, "describe": 4}, steps=2, batch_size=4),
+    ZooModel("describer", "mixtral", "sp_bpe", 400, 16, 1, {"describe": 16}, steps=2, batch_size=4),
+    ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
+))
+
+# Zoo name -> spec. A config's `zoo:` entry names a model of the demo zoo (`describer`) or of
+# another zoo (`micro/describer`); it lives in `<zoo folder>/models/<model>`.
+ZOOS = {"demo": DEMO_ZOO, "micro": MICRO_ZOO}
+ZOO_FOLDERS = {"demo": "zoo", "micro": "zoo-micro"}
+
+
+def zoo_model(ref: str) -> tuple[str, ZooModel] | None:
+    """(zoo name, model) of a `zoo:` entry, or None when no zoo has it."""
+    zoo, _, name = ref.rpartition("/")
+    spec = ZOOS.get(zoo or "demo")
+    found = [m for m in spec.models if m.name == name] if spec else []
+    return (zoo or "demo", found[0]) if found else None
+
+
+def zoo_refs() -> list[str]:
+    return [m.name if zoo == "demo" else f"{zoo}/{m.name}" for zoo, spec in ZOOS.items() for m in spec.models]
+
+
 TEMPLATE_TEXT = ["GPT4 Correct User: ", "GPT4 Correct Assistant: "]
 
 
@@ -90,12 +121,6 @@ def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[
 
 
 def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
-    from fusechat import prepare
-    from fusechat.config import load_config
-    from fusechat.data.templates import BUILTIN_TEMPLATES
-    from fusechat.train.stage import train_target
-    from fusechat.zoo.models import build_model as init_model
-    from fusechat.zoo.tokenizers import build_tokenizer
 
     folder = out / "models" / model.name
     fingerprint = spec_hash(model)

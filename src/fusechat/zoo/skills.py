@@ -249,17 +249,24 @@ def eval_items(skill: str, n: int, seed: int = 0) -> list[dict]:
     items = []
     for i in range(n):
         key, prompt, answer = s.sample(rng, "heldout")
-        items.append({"id": f"{skill}-{i}", "skill": skill, "kind": s.kind, "key": key,
-                      "messages": [{"role": "user", "content": prompt}], "answer": answer})
+        item = {"id": f"{skill}-{i}", "skill": skill, "kind": s.kind, "key": key,
+                "messages": [{"role": "user", "content": prompt}], "answer": answer}
+        if s.kind == "distribution":
+            item["entropy_bits"], item["expected_bytes"] = answer_entropy(skill, key)
+        items.append(item)
     return items
+
+
+def answer_entropy(skill: str, key) -> tuple[float, float]:
+    """(H(A|x) in bits, E[bytes of A|x]) of the skill's true answer distribution for the question's key."""
+    dist = ALL_SKILLS[skill].distribution(key)
+    return (-sum(p * math.log2(p) for _, p in dist if p > 0), sum(p * len(a.encode()) for a, p in dist))
 
 
 def entropy_floor(skill: str, items: list[dict]) -> float:
     """Exact bits per byte of the true distribution over these items' prompts: Σ H(A|x) / Σ E[bytes|x]."""
-    s = ALL_SKILLS[skill]
     bits = nbytes = 0.0
     for item in items:
-        dist = s.distribution(item["key"])
-        bits += -sum(p * math.log2(p) for _, p in dist if p > 0)
-        nbytes += sum(p * len(a.encode()) for a, p in dist)
+        h, expected = answer_entropy(skill, item["key"])
+        bits, nbytes = bits + h, nbytes + expected
     return bits / nbytes if nbytes else 0.0
