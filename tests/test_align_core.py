@@ -5,25 +5,33 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from fusechat.align.prefix import PrefixProjector, top_k
 from fusechat.align.project import (
     ALIGNED,
     DROPPED,
     NO_TARGET,
     ONE_HOT,
     merge_duplicate_ids,
+    pivot_distribution,
     predicting_positions,
     project,
+    project_spans,
 )
 from fusechat.align.sequence import (
     align_dtw,
     align_dtw_reference,
+    align_dtw_research,
     align_offsets,
+    byte_spans,
     dtw_matrix,
     dtw_path,
     dtw_reference,
+    dtw_research,
     group_kinds,
     levenshtein_reference,
+    partial_tokens,
     path_to_groups,
+    token_boundaries,
     token_distance_matrix,
 )
 from fusechat.align.vocab import (
@@ -34,6 +42,7 @@ from fusechat.align.vocab import (
     UNMAPPED,
     build_vocab_map,
     token_bytes,
+    token_texts,
     tokenizer_scheme,
 )
 from fusechat.fuse import avg_ce_weights, comparable_ce, min_ce_choice, mix
@@ -273,3 +282,260 @@ def test_mix_by_hand():
     absent = (b[0], b[1], np.array([False]))
     ids, probs, _ = mix([a, absent], np.array([0.5, 0.5]), k=2)
     assert probs.tolist()[0] == pytest.approx([0.5, 0.5])
+
+
+# ------------------------------------------------------------------ byte-exact alignment
+
+
+def _gpt2_style_source():
+    """Byte-level BPE whose only merges are "Say" and "Ġæ" (a space + the first byte of 日)."""
+    from tokenizers import decoders
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = [("Ġ", "æ"), ("S", "a"), ("Sa", "y")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _sp_pivot(normalize_nfc: bool = False):
+    """Mistral/Llama-2 style: ▁ for spaces, <0xNN> byte fallback; knows "▁Say", "▁" and "日", not 本 or 語."""
+    from tokenizers import decoders, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece in ["▁", "S", "a", "y", "c", "f", "e", "日", "▁S", "▁Sa", "▁Say"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "S"), ("▁S", "a"), ("▁Sa", "y")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    steps = [normalizers.NFC()] if normalize_nfc else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _encode(tok, text, add_special_tokens=False):
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    return ids, byte_spans(enc["offset_mapping"], text, ids, token_texts(tok)), tok.convert_ids_to_tokens(ids)
+
+
+def _named_groups(text, pivot, source):
+    p_ids, p_spans, p_tok = _encode(pivot, text)
+    s_ids, s_spans, s_tok = _encode(source, text)
+    return [(p_tok[a:b], s_tok[c:d]) for a, b, c, d in align_offsets(p_spans, s_spans)]
+
+
+def test_byte_level_token_ending_inside_a_character_makes_no_false_cut():
+    text = "Say 日本語"
+    pivot, source = _sp_pivot(), _gpt2_style_source()
+    _, s_spans, s_tok = _encode(source, text)
+    assert s_tok[:4] == ["Say", "Ġæ", "Ĺ", "¥"]
+    assert s_spans[:4].tolist() == [[0, 3], [3, 5], [5, 6], [6, 7]]  # character offsets say (3,5), (4,5), (4,5)
+    _, p_spans, p_tok = _encode(pivot, text)
+    assert p_tok[:4] == ["▁Say", "▁", "日", "<0xE6>"]
+    assert p_spans.tolist() == [[0, 3], [3, 4], [4, 7], [7, 8], [8, 9], [9, 10], [10, 11], [11, 12], [12, 13]]
+    groups = _named_groups(text, pivot, source)
+    assert groups[:2] == [(["▁Say"], ["Say"]), (["▁", "日"], ["Ġæ", "Ĺ", "¥"])]
+    # Byte fallback against byte-level: every byte of 本 and 語 is its own one-to-one group.
+    assert groups[2:] == [([f"<0x{b:02X}>"], [c]) for b, c in zip("本語".encode(), "æľ¬èªŀ")]
+
+
+def test_partial_tokens_are_recognised():
+    pieces = [b"a", b" \xe6", b"\x97", b"\xa5", b"\xe6\x97\xa5", b"\xf0\x9f", b"\xe6\x97\xa5\xe6", b"", b"\xc3\xa9"]
+    assert partial_tokens(pieces).tolist() == [False, True, True, True, False, True, True, False, False]
+
+
+def test_nfd_text_read_by_an_nfc_tokenizer_keeps_whole_characters():
+    # "cafe\u0301": the pivot normalises to é (2 bytes, byte-fallback pieces), the text has e + U+0301 (3 bytes).
+    text = "cafe\u0301 日"
+    pivot, source = _sp_pivot(normalize_nfc=True), _gpt2_style_source()
+    _, p_spans, p_tok = _encode(pivot, text)
+    assert p_tok[4:6] == ["<0xC3>", "<0xA9>"]
+    # The tokenizer reports both pieces at the "e" only; their bytes are not the text's, so they share that span
+    # and no boundary falls between them.
+    assert p_spans[4:6].tolist() == [[3, 4], [3, 4]]
+    assert token_boundaries(p_spans).tolist() == [0, 1, 2, 3, 6, 7]
+    groups = _named_groups(text, pivot, source)
+    assert (["<0xC3>", "<0xA9>"], ["e", "Ì", "ģ"]) in groups
+    for p, s in groups:
+        assert p and s
+
+
+def test_special_tokens_and_leading_space_markers():
+    text = "<s>Say 日</s>"
+    pivot, source = _sp_pivot(), _gpt2_style_source()
+    source.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
+    _, p_spans, p_tok = _encode(pivot, text)
+    _, s_spans, s_tok = _encode(source, text)
+    assert p_tok[0] == "<s>" and s_tok[0] == "<s>" and p_tok[-1] == "</s>" and s_tok[-1] == "</s>"
+    assert p_spans[0].tolist() == s_spans[0].tolist() == [0, 3]
+    assert p_spans[-1].tolist() == s_spans[-1].tolist() == [10, 14]
+    groups = _named_groups(text, pivot, source)
+    assert groups[0] == (["<s>"], ["<s>"]) and groups[-1] == (["</s>"], ["</s>"])
+    # "▁Say" (" Say" in its vocabulary) and "Say" cover the same three bytes of the text.
+    assert (["▁Say"], ["Say"]) in groups
+
+
+def test_character_offsets_alone_no_longer_cut_inside_a_token():
+    # Character offsets of "Say 日": Ġæ spans (3, 5) and Ĺ starts at 4, inside it: no boundary at 4.
+    assert token_boundaries([(0, 3), (3, 5), (4, 5), (4, 5)]).tolist() == [0, 3]
+    assert align_offsets([(0, 3), (3, 4), (4, 5)], [(0, 3), (3, 5), (4, 5), (4, 5)]).tolist() == [
+        [0, 1, 0, 1], [1, 3, 1, 4]]
+
+
+# ------------------------------------------------------------------ prefix projection
+
+
+def _brute_force(u, emitted, source_ids, topk, probs, source_bytes, pivot_bytes):
+    """Enumerate every continuation the source's distributions describe: along the tokens it actually
+    read, each of its top-k; off that path the rest is unknown. Each continuation's mass goes to the
+    longest pivot token that its known bytes begin with."""
+    out = {}
+
+    def longest(x):
+        best, size = -1, 0
+        for pid, b in enumerate(pivot_bytes):
+            if b and x.startswith(b) and len(b) > size:
+                best, size = pid, len(b)
+        return best
+
+    def add(x, w):
+        pid = longest(x)
+        if pid >= 0:
+            out[pid] = out.get(pid, 0.0) + w
+
+    def walk(v, known, w, first):
+        if v >= len(source_ids):
+            add(known, w)
+            return
+        for sid, q in zip(topk[v - 1].tolist(), probs[v - 1].tolist()):
+            b = source_bytes[sid]
+            if first:
+                if not b.startswith(emitted):
+                    continue
+                b = b[len(emitted):]
+                if not b and sid != source_ids[v]:
+                    continue
+            if sid == source_ids[v]:
+                walk(v + 1, known + b, w * q, False)
+            else:
+                add(known + b, w * q)
+
+    walk(u, b"", 1.0, True)
+    return out
+
+
+def test_prefix_projection_matches_brute_force_on_tiny_vocabularies():
+    rng = np.random.default_rng(0)
+    alphabet = [b"a", b"b", b"c"]
+    for trial in range(60):
+        def vocab(n):
+            words = set(alphabet)
+            while len(words) < n:
+                words.add(b"".join(rng.choice(alphabet, size=rng.integers(2, 5)).tolist()))
+            return sorted(words)
+
+        source_bytes, pivot_bytes = vocab(9), vocab(8)
+        S, k = int(rng.integers(2, 6)), int(rng.integers(2, 5))
+        source_ids = rng.integers(0, len(source_bytes), size=S)
+        topk = np.stack([rng.permutation(len(source_bytes))[:k] for _ in range(S)])
+        for v in range(1, S):  # the token read next is usually, not always, in the top-k
+            if rng.random() < 0.8:
+                topk[v - 1, rng.integers(0, k)] = source_ids[v]
+        probs = rng.dirichlet(np.ones(k), size=S)
+        u = int(rng.integers(1, S))
+        actual = source_bytes[source_ids[u]]
+        emitted = actual[: int(rng.integers(0, len(actual)))]
+        proj = PrefixProjector(pivot_bytes, source_bytes)
+        got = proj.position(u, emitted, source_ids, topk, probs)
+        want = _brute_force(u, emitted, source_ids, topk, probs, source_bytes, pivot_bytes)
+        assert set(got) == set(want), trial
+        for pid in want:
+            assert got[pid] == pytest.approx(want[pid], abs=1e-12)
+        ids, p = top_k(got, 3)
+        kept = sorted(want.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        if kept:
+            assert ids[: len(kept)].tolist() == [pid for pid, _ in kept]
+            np.testing.assert_allclose(p[: len(kept)], np.array([w for _, w in kept]) / sum(w for _, w in kept),
+                                       rtol=1e-6)
+
+
+def test_prefix_projection_by_hand():
+    # Source "a" + "bc"; the pivot has "ab" (longer than the source's "a") and "c".
+    source_bytes = [b"a", b"bc", b"b", b"x"]
+    pivot_bytes = [b"a", b"ab", b"b", b"c", b"x", b"abc"]
+    source_ids = np.array([3, 0, 1])
+    topk = np.array([[0, 3], [1, 2], [0, 3]])
+    probs = np.array([[0.75, 0.25], [0.6, 0.4], [0.5, 0.5]])
+    proj = PrefixProjector(pivot_bytes, source_bytes)
+    # At the start of "a": "a" is followed, "abc" gets 0.75 * 0.6, "ab" 0.75 * 0.4 (source "b"), "x" 0.25.
+    assert proj.position(1, b"", source_ids, topk, probs) == pytest.approx({5: 0.45, 1: 0.3, 4: 0.25})
+    # Inside "bc" after "b": only "bc" agrees with the emitted byte; what follows it is "c".
+    assert proj.position(2, b"b", source_ids, topk, probs) == pytest.approx({3: 0.6})
+
+
+def test_copy_of_the_pivot_gives_back_its_own_distribution(family_tokenizers):
+    tok = family_tokenizers["byte_bpe"]
+    text = TEXTS[0]
+    ids, spans, _ = _encode(tok, text, add_special_tokens=True)
+    rng = np.random.default_rng(1)
+    T, k = len(ids), 5
+    topk = np.stack([rng.permutation(len(tok))[:k] for _ in range(T)])
+    logits = np.sort(rng.normal(size=(T, k)), axis=1)[:, ::-1].astype(np.float16)
+    vmap = build_vocab_map(tok, tok)
+    b = token_texts(tok)
+    proj = project_spans(ids, np.ones(T, bool), spans, ids, spans, topk, logits, vmap.pivot_id,
+                         PrefixProjector(b, b), text.encode(), "one_hot")
+    assert proj.counts() == {"exact": T - 1, "prefix": 0, "fallback": 0}
+    want_ids, want_probs, _ = pivot_distribution(topk, logits, np.ones(T, bool))
+    for i in range(T - 1):
+        got = dict(zip(proj.ids[i].tolist(), proj.probs[i].tolist()))
+        want = dict(zip(want_ids[i].tolist(), want_probs[i].tolist()))
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_projection_fills_pieces_inside_a_group():
+    # "Say 日本語": pivot ▁ 日 <0xE6>... against GPT-2 style bytes; every pivot position gets a distribution.
+    text = "Say 日本語"
+    pivot, source = _sp_pivot(), _gpt2_style_source()
+    p_ids, p_spans, _ = _encode(pivot, text)
+    s_ids, s_spans, _ = _encode(source, text)
+    p_bytes, s_bytes = token_texts(pivot), token_texts(source)
+    S, k = len(s_ids), 3
+    topk = np.zeros((S, k), dtype=np.int64)
+    topk[:-1, 0] = s_ids[1:]
+    topk[:, 1:] = [source.convert_tokens_to_ids("a"), source.convert_tokens_to_ids("Ġ")]
+    logits = np.tile(np.array([0.0, -2.0, -3.0], dtype=np.float16), (S, 1))
+    vmap = build_vocab_map(source, pivot)
+    mask = np.ones(len(p_ids), bool)
+    exact_only = project_spans(p_ids, mask, p_spans, s_ids, s_spans, topk, logits, vmap.pivot_id, None,
+                               text.encode(), "one_hot")
+    proj = project_spans(p_ids, mask, p_spans, s_ids, s_spans, topk, logits, vmap.pivot_id,
+                         PrefixProjector(p_bytes, s_bytes), text.encode(), "one_hot")
+    assert exact_only.counts() == {"exact": 6, "prefix": 0, "fallback": 2}
+    assert proj.counts() == {"exact": 6, "prefix": 2, "fallback": 0}
+    # Position 0 predicts "▁": the source's "Ġæ" continues into 日, which the pivot writes as "▁" then "日".
+    assert p_bytes[proj.ids[0, 0]] == b" "
+    # Position 1 predicts "日", inside "Ġæ" after its space: "Ġæ" + "Ĺ" + "¥" is 日.
+    assert p_bytes[proj.ids[1, 0]] == "日".encode()
+    for i in range(len(p_ids) - 1):
+        assert p_bytes[proj.ids[i, 0]][:1] == p_bytes[p_ids[i + 1]][:1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dtw_agrees_with_the_research_algorithm(seed):
+    pytest.importorskip("editdistance")
+    rng = np.random.default_rng(seed)
+    words = ["the", "th", "e", "cat", "ca", "t", "sat", "s", "at", "", "日本", "語"]
+    a = [words[i] for i in rng.integers(0, len(words), size=40)]
+    b = [words[i] for i in rng.integers(0, len(words), size=33)]
+    assert np.array_equal(align_dtw(a, b), align_dtw_research(a, b))
+    assert np.array_equal(dtw_matrix(token_distance_matrix(a, b)), dtw_research(a, b).astype(np.int64))

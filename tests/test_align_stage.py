@@ -54,6 +54,10 @@ def test_projected_distributions_cover_every_assistant_position(fused_run):
         targets = sum(int(p.assistant_mask[1:].sum()) for p in pivot.values())
         assert m["positions"]["aligned"] + m["positions"]["one_hot"] == targets
         assert m["positions"]["aligned"] > 0
+        cov = m["coverage"]  # how each scored position got its distribution
+        assert cov["exact"] + cov["prefix"] == m["positions"]["aligned"]
+        assert cov["fallback"] == m["positions"]["one_hot"] and cov["positions"] == targets
+        assert cov["prefix"] > 0 and cov["covered_share"] == pytest.approx(m["aligned_share"], abs=1e-4)
         assert sum(m["vocab_coverage"].values()) == m["source_vocab_size"]
         for row in read_dists(run_dir / "align" / source):
             scored = np.zeros(len(row.status), bool)

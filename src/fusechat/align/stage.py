@@ -3,10 +3,13 @@
 Per source: pass 1 aligns every sequence with the pivot's and counts which pivot
 token starts where each source token starts (the statistics for the vocabulary
 map); the map is built and saved; pass 2 projects the source's top-k
-distributions onto the pivot. Output ``<run_dir>/align/<source>/``: ``vocab_map.npz``,
-``shard-*.parquet`` (``DistRow``: ids, probs and status per pivot position, with
-the source's CE, token and byte counts), ``manifest.json`` with the coverage and
-the count of every alignment case.
+distributions onto the pivot. With the ``offsets`` method both tokenizations are
+placed in bytes of the prepared text (``sequence.byte_spans``) and projection
+uses exact spans first, byte prefixes otherwise (``project.project_spans``).
+Output ``<run_dir>/align/<source>/``: ``vocab_map.npz``, ``shard-*.parquet``
+(``DistRow``: ids, probs and status per pivot position, with the source's CE,
+token and byte counts), ``manifest.json`` with the coverage (by how: exact,
+prefix, fallback) and the count of every alignment case.
 """
 
 from __future__ import annotations
@@ -17,12 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align.project import STATUS_NAMES, project
-from fusechat.align.sequence import align_dtw, align_offsets, group_kinds
-from fusechat.align.vocab import VocabMap, build_vocab_map, comparable, token_texts
+from fusechat.align.prefix import PrefixProjector
+from fusechat.align.project import STATUS_NAMES, project, project_spans
+from fusechat.align.sequence import (
+    align_dtw,
+    align_offsets,
+    byte_spans,
+    group_kinds,
+    partial_tokens,
+)
+from fusechat.align.vocab import (
+    SPECIAL,
+    VocabMap,
+    build_vocab_map,
+    comparable,
+    special_ids,
+    token_texts,
+)
 from fusechat.config import ModelSpec, RunConfig
 from fusechat.errors import FusechatError
 from fusechat.models import load_tokenizer
+from fusechat.prepare import load_prepared
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import (
     RunDir,
@@ -54,20 +72,52 @@ def run(cfg: RunConfig, force: bool = False) -> list[Path]:
     return [align_source(cfg, spec, force) for spec in cfg.sources]
 
 
+ALIGN_VERSION = 2  # bumped when the same inputs give other output (2: byte-exact alignment, prefix projection)
+
+
 class Aligner:
-    """Sequence alignment of one (pivot, source) pair with the configured method."""
+    """Sequence alignment and projection of one (pivot, source) pair with the configured method."""
 
     def __init__(self, method: str, pivot_tok=None, source_tok=None):
         self.method = method
+        self.pivot_bytes = token_texts(pivot_tok)
+        self.source_bytes = token_texts(source_tok)
+        self.pivot_partial = partial_tokens(self.pivot_bytes)
+        self.source_partial = partial_tokens(self.source_bytes)
+        self.pivot_special = special_ids(pivot_tok)
+        self.prefix: PrefixProjector | None = None
         if method == "dtw":
-            self.pivot_strings = [comparable(b) for b in token_texts(pivot_tok)]
-            self.source_strings = [comparable(b) for b in token_texts(source_tok)]
+            self.pivot_strings = [comparable(b) for b in self.pivot_bytes]
+            self.source_strings = [comparable(b) for b in self.source_bytes]
 
-    def groups(self, pivot_rep, source_rep) -> np.ndarray:
+    def spans(self, pivot_rep, source_rep, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(T, 2) and (S, 2) byte spans of both tokenizations in ``text``."""
+        return (byte_spans(pivot_rep.offsets, text, pivot_rep.input_ids, self.pivot_bytes, self.pivot_partial),
+                byte_spans(source_rep.offsets, text, source_rep.input_ids, self.source_bytes, self.source_partial))
+
+    def groups(self, pivot_rep, source_rep, text: str) -> np.ndarray:
         if self.method == "offsets":
-            return align_offsets(pivot_rep.offsets, source_rep.offsets)
+            return align_offsets(*self.spans(pivot_rep, source_rep, text))
         return align_dtw([self._s(self.pivot_strings, i) for i in pivot_rep.input_ids],
                          [self._s(self.source_strings, i) for i in source_rep.input_ids])
+
+    def use_vocab_map(self, vocab_map: VocabMap) -> None:
+        """Prefix projection, once the map gives the special tokens' counterparts."""
+        if self.method != "offsets":
+            return
+        specials = np.flatnonzero(vocab_map.method == SPECIAL)
+        self.prefix = PrefixProjector(self.pivot_bytes, self.source_bytes, self.pivot_special,
+                                      {int(i): int(vocab_map.pivot_id[i]) for i in specials})
+
+    def project(self, pivot_rep, source_rep, text: str, vocab_map: VocabMap, unaligned: str):
+        pivot_ids = pivot_rep.input_ids.astype(np.int64)
+        if self.method == "offsets":
+            p_spans, s_spans = self.spans(pivot_rep, source_rep, text)
+            return project_spans(pivot_ids, pivot_rep.assistant_mask, p_spans, source_rep.input_ids.astype(np.int64),
+                                 s_spans, source_rep.topk_ids, source_rep.topk_logits, vocab_map.pivot_id,
+                                 self.prefix, text.encode("utf-8", "surrogatepass"), unaligned)
+        return project(pivot_ids, pivot_rep.assistant_mask, self.groups(pivot_rep, source_rep, text),
+                       source_rep.topk_ids, source_rep.topk_logits, vocab_map.pivot_id, unaligned)
 
     @staticmethod
     def _s(strings: list[str], i) -> str:
@@ -95,7 +145,8 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             f"the representations of the pivot and {spec.name!r} were made from different prepared data "
             f"(the text or template changed between them); rerun `fusechat represent CONFIG --model {spec.name}`"
         )
-    payload = {"pivot": pm["fingerprint"], "source": sm["fingerprint"], "align": cfg.section_hash("align")}
+    payload = {"pivot": pm["fingerprint"], "source": sm["fingerprint"], "align": cfg.section_hash("align"),
+               "version": ALIGN_VERSION}
     fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force, label=f"align {spec.name}"):
         return out
@@ -104,6 +155,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     pivot_tok, source_tok = load_tokenizer(cfg.pivot), load_tokenizer(spec)
     aligner = Aligner(cfg.align.method, pivot_tok, source_tok)
     total = pm["num_sequences"]
+    texts = list(load_prepared(cfg)["text"])
 
     # Pass 1: alignment statistics. Keys source_id * V_pivot + pivot_id, counted sparsely.
     pair_keys: list[np.ndarray] = []
@@ -113,7 +165,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     with progress_bar() as bar:
         task = bar.add_task(f"align {spec.name}: statistics", total=total)
         for p, s in paired(pivot_dir, source_dir, spec.name):
-            groups = aligner.groups(p, s)
+            groups = aligner.groups(p, s, texts[p.seq])
             kinds.update(group_kinds(groups))
             both = (groups[:, 1] > groups[:, 0]) & (groups[:, 3] > groups[:, 2])
             first_p, first_s = groups[both, 0], groups[both, 2]
@@ -124,9 +176,11 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     pair_counts = {(int(k // v_pivot), int(k % v_pivot)): int(c) for k, c in zip(keys, counts)}
     used = np.unique(np.concatenate(used_ids)).astype(np.int64) if used_ids else np.zeros(0, np.int64)
     vocab_map = build_vocab_map(source_tok, pivot_tok, pair_counts, needed=used)
+    aligner.use_vocab_map(vocab_map)
 
     # Pass 2: projection.
     cases: Counter = Counter()
+    by_how: Counter = Counter()
     unmapped_positions = 0
     shard_size = cfg.represent.shard_size
     pid_type = id_dtype(len(pivot_tok))
@@ -136,11 +190,10 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
         rows: list[DistRow] = []
         shard = 0
         for p, s in paired(pivot_dir, source_dir, spec.name):
-            groups = aligner.groups(p, s)
-            proj = project(p.input_ids.astype(np.int64), p.assistant_mask, groups, s.topk_ids, s.topk_logits,
-                           vocab_map.pivot_id, cfg.align.unaligned)
+            proj = aligner.project(p, s, texts[p.seq], vocab_map, cfg.align.unaligned)
             seq_cases = Counter(STATUS_NAMES[int(x)] for x in proj.status)
             cases.update(seq_cases)
+            by_how.update(proj.counts())
             unmapped_positions += proj.unmapped_positions
             rows.append(DistRow(
                 seq=p.seq, id=p.id, ids=proj.ids, probs=proj.probs, status=proj.status,
@@ -162,6 +215,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             unaligned=cfg.align.unaligned, sequences=total, groups=dict(kinds),
             positions={k: cases[k] for k in ("aligned", "one_hot", "dropped", "no_target")},
             aligned_share=round(cases["aligned"] / targets, 4) if targets else None,
+            coverage=coverage_by_how(by_how),
             aligned_positions_without_mapped_ids=unmapped_positions,
             vocab_coverage=coverage, vocab_coverage_of_used_ids=used_coverage,
             source_vocab_size=int(len(vocab_map.pivot_id)),
@@ -173,11 +227,24 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
         ("sequences", total),
         *[(f"groups {k.replace('_', '-')}", v) for k, v in kinds.items()],
         ("assistant positions with a source distribution", cases["aligned"]),
+        ("  of them: exact span", by_how["exact"]),
+        ("  of them: byte prefix", by_how["prefix"]),
         ("one-hot fallback", cases["one_hot"]),
         ("dropped", cases["dropped"]),
         *[(f"vocab map: {k}", v) for k, v in coverage.items()],
         *[(f"vocab map, ids in the top-k: {k}", v) for k, v in used_coverage.items()],
     ]))
+    return out
+
+
+def coverage_by_how(counts: Counter | dict) -> dict:
+    """Scored pivot positions by how they got a distribution, with shares of all of them."""
+    out = {k: int(counts.get(k, 0)) for k in ("exact", "prefix", "fallback")}
+    total = sum(out.values())
+    out["positions"] = total
+    for k in ("exact", "prefix", "fallback"):
+        out[f"{k}_share"] = round(out[k] / total, 4) if total else None
+    out["covered_share"] = round((out["exact"] + out["prefix"]) / total, 4) if total else None
     return out
 
 

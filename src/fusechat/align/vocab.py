@@ -108,6 +108,11 @@ def _special_ids(tokenizer) -> dict[str, int]:
     }
 
 
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (by role and by text)."""
+    return set(_special_ids(tokenizer).values()) | set(_special_roles(tokenizer).values())
+
+
 @dataclass
 class VocabMap:
     pivot_id: np.ndarray  # (V_source,) int64, -1 where unmapped

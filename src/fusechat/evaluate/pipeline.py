@@ -1,7 +1,8 @@
 """What the run's stages recorded, for the report beside the scores.
 
 Read from the manifests: alignment coverage per source (share of the pivot's
-assistant positions that received a source distribution; vocabulary-map
+assistant positions that received a source distribution, split by how: exact
+span, byte prefix, fallback; vocabulary-map
 coverage by method), bytes per token of each representation, MinCE choices,
 and the wall time of every stage.
 """
@@ -23,6 +24,7 @@ def pipeline_summary(cfg: RunConfig) -> dict:
         if m:
             summary["alignment"][spec.name] = {
                 "aligned_share": m.get("aligned_share"),
+                "coverage": m.get("coverage"),
                 "positions": m.get("positions"),
                 "vocab_coverage": m.get("vocab_coverage"),
                 "vocab_coverage_of_used_ids": m.get("vocab_coverage_of_used_ids"),
@@ -53,13 +55,14 @@ def pipeline_summary(cfg: RunConfig) -> dict:
 def format_pipeline(summary: dict) -> str:
     lines = ["## Pipeline", ""]
     if summary.get("alignment"):
-        lines += ["| source | assistant positions with a source distribution | vocab map (all ids): exact / "
-                  "statistics / edit distance / special / unmapped | vocab map (ids in the top-k) |",
-                  "|---|---:|---|---|"]
+        lines += ["| source | assistant positions with a source distribution | of them by exact span / byte prefix | "
+                  "vocab map (all ids): exact / statistics / edit distance / special / unmapped | "
+                  "vocab map (ids in the top-k) |",
+                  "|---|---:|---|---|---|"]
         for name, a in summary["alignment"].items():
             share = a.get("aligned_share")
-            lines.append(f"| {name} | {'–' if share is None else f'{share:.1%}'} | {_coverage(a.get('vocab_coverage'))}"
-                         f" | {_coverage(a.get('vocab_coverage_of_used_ids'))} |")
+            lines.append(f"| {name} | {'–' if share is None else f'{share:.1%}'} | {_how(a.get('coverage'))} | "
+                         f"{_coverage(a.get('vocab_coverage'))} | {_coverage(a.get('vocab_coverage_of_used_ids'))} |")
         lines.append("")
     if summary.get("representation"):
         lines += ["| model | tokens | bytes per token on disk | tokens/s |", "|---|---:|---:|---:|"]
@@ -75,6 +78,12 @@ def format_pipeline(summary: dict) -> str:
         lines += [f"| {stage} | {s} |" for stage, s in summary["stage_seconds"].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _how(c: dict | None) -> str:
+    if not c or not c.get("positions"):
+        return "–"
+    return f"{c['exact_share']:.1%} / {c['prefix_share']:.1%}"
 
 
 def _coverage(c: dict | None) -> str:
