@@ -14,7 +14,7 @@ from fusechat.align.project import ALIGNED, NO_TARGET, ONE_HOT, softmax_rows
 from fusechat.align.vocab import VocabMap
 from fusechat.config import load_config
 from fusechat.errors import FusechatError
-from fusechat.shards import read_dists, read_representation
+from fusechat.shards import read_aligned, read_fused, read_representation
 
 
 def run_until(config_path, stage):
@@ -59,14 +59,14 @@ def test_projected_distributions_cover_every_assistant_position(fused_run):
         assert cov["fallback"] == m["positions"]["one_hot"] and cov["positions"] == targets
         assert cov["prefix"] > 0 and cov["covered_share"] == pytest.approx(m["aligned_share"], abs=1e-4)
         assert sum(m["vocab_coverage"].values()) == m["source_vocab_size"]
-        for row in read_dists(run_dir / "align" / source):
+        for row in read_aligned(run_dir / "align" / source):
+            assert np.isfinite(row.source_ce) and row.source_tokens > 0 and row.source_bytes >= row.source_tokens
             scored = np.zeros(len(row.status), bool)
             scored[:-1] = pivot[row.seq].assistant_mask[1:]
             assert ((row.status == ALIGNED) | (row.status == ONE_HOT)).tolist() == scored.tolist()
             assert (row.status[~scored] == NO_TARGET).all()
             sums = row.probs[scored].astype(np.float32).sum(axis=1)
             np.testing.assert_allclose(sums, 1.0, atol=2e-3)
-            assert row.extra["aligned"] + row.extra["one_hot"] == scored.sum()
         assert (run_dir / "align" / source / "vocab_map.npz").exists()
 
 
@@ -75,15 +75,16 @@ def test_min_ce_choices_follow_the_cross_entropies(fused_run):
     pivot = {r.seq: r for r in read_representation(run_dir / "represent" / "llama")}
     for source in ("mistral", "gpt2"):
         src = {r.seq: r for r in read_representation(run_dir / "represent" / source)}
-        aligned = {r.seq: r for r in read_dists(run_dir / "align" / source)}
+        aligned = {r.seq: r for r in read_aligned(run_dir / "align" / source)}
         counts = {"pivot": 0, source: 0}
-        for row in read_dists(run_dir / "fuse" / source):
+        for row in read_fused(run_dir / "fuse" / source):
             p, s = pivot[row.seq], src[row.seq]
             expected = 0 if p.ce <= s.ce else 1
-            assert row.extra["choice"] == expected
+            assert row.choice == expected
+            np.testing.assert_allclose(row.candidate_ce, [p.ce, s.ce], rtol=1e-6)
             counts["pivot" if expected == 0 else source] += 1
             if expected == 0:
-                in_loss = row.status.astype(bool)
+                in_loss = row.in_loss
                 same_distributions(row.ids[in_loss], row.probs[in_loss], p.topk_ids[in_loss],
                                    softmax_rows(p.topk_logits)[in_loss])
             else:
@@ -105,7 +106,7 @@ def test_pivot_aligned_with_itself_is_the_identity(tmp_path, zoo):
         vmap = VocabMap.load(outs[0] / "vocab_map.npz")
         assert (vmap.pivot_id == np.arange(len(vmap.pivot_id))).all()
         pivot = {r.seq: r for r in read_representation(d / "run" / "represent" / "llama")}
-        for row in read_dists(outs[0]):
+        for row in read_aligned(outs[0]):
             p = pivot[row.seq]
             aligned = row.status == ALIGNED
             same_distributions(row.ids[aligned], row.probs[aligned], p.topk_ids[aligned],
@@ -126,8 +127,8 @@ def test_drop_option_removes_unaligned_positions(tmp_path, zoo):
     m = manifest(tmp_path / "run" / "align" / "llama")
     assert m["positions"]["one_hot"] == 0 and m["positions"]["dropped"] > 0
     dropped = m["positions"]["dropped"]
-    in_loss = sum(int(r.status.sum()) for r in read_dists(outs[0]) if r.extra["choice"] == 1)
-    aligned = sum(r.extra["aligned"] for r in read_dists(tmp_path / "run" / "align" / "llama"))
+    in_loss = sum(int(r.in_loss.sum()) for r in read_fused(outs[0]) if r.choice == 1)
+    aligned = sum(int((r.status == ALIGNED).sum()) for r in read_aligned(tmp_path / "run" / "align" / "llama"))
     assert dropped > 0 and in_loss <= aligned
 
 
@@ -141,8 +142,8 @@ def test_other_fusion_methods(tmp_path, zoo, method, unit):
         m = manifest(out)
         assert m["method"] == method and m["ce_unit"] == unit
         assert sum(m["choices"].values()) == len(CONVERSATIONS)
-        for row in read_dists(out):
-            in_loss = row.status.astype(bool)
+        for row in read_fused(out):
+            in_loss = row.in_loss
             np.testing.assert_allclose(row.probs[in_loss].astype(np.float32).sum(axis=1), 1.0, atol=2e-3)
     if method == "multi":
         assert set(manifest(outs[0])["choices"]) == {"pivot", "mistral", "gpt2", "excluded"}

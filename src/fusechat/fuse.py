@@ -13,14 +13,13 @@ tokenizers of different granularity make per-token CE incomparable). A candidate
 whose logits or CE were not finite is never chosen; a sequence with no finite
 candidate is excluded from the fusion loss and counted.
 
-Output ``<run_dir>/fuse/<source|multi>/shard-*.parquet``: ``DistRow`` whose
-``status`` is 1 where the position is part of the fusion loss, with ``choice``
-(0 pivot, j the j-th source of the set, −1 excluded) and each candidate's CE.
+Output ``<run_dir>/fuse/<source|multi>/shard-*.parquet``: ``FusedRow`` (the
+distributions, ``in_loss`` per position, the ``choice``: 0 pivot, j the j-th source
+of the set, −1 excluded, and each candidate's CE).
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,25 +35,20 @@ from fusechat.align.stage import complete_representation
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import (
-    RunDir,
-    atomic_dir,
-    inputs_fingerprint,
-    is_complete,
-    new_manifest,
-    read_manifest,
-    write_manifest,
-)
+from fusechat.rundir import RunDir, build_output, inputs_fingerprint, is_complete, require_complete
 from fusechat.shards import (
-    DistRow,
+    AlignedRow,
+    FusedRow,
+    SequenceRep,
+    ShardWriter,
     id_dtype,
-    read_dists,
+    read_aligned,
     read_representation,
-    shard_name,
-    write_dist_shard,
+    write_fused_shard,
 )
 
 MULTI = "multi"
+FUSED_FORMAT = 2  # the shard layout (FusedRow); a new layout redoes older output
 
 
 def comparable_ce(ce: float, tokens: int, n_bytes: int, unit: str) -> float:
@@ -107,85 +101,84 @@ def in_loss(status: np.ndarray) -> np.ndarray:
     return (status == ALIGNED) | (status == ONE_HOT)
 
 
-def fuse_sequence(method: str, pivot_rep, sources: list[DistRow], unit: str, k: int):
-    """Fused (ids, probs, in_loss, choice, ces) of one sequence from the pivot and the given sources."""
+def fuse_sequence(method: str, pivot_rep: SequenceRep, sources: list[AlignedRow], unit: str, k: int) -> FusedRow:
+    """The fused row of one sequence from the pivot's own representation and the sources' aligned rows."""
     p_ids, p_probs, p_status = pivot_distribution(pivot_rep.topk_ids, pivot_rep.topk_logits, pivot_rep.assistant_mask)
     candidates = [(p_ids, p_probs, in_loss(p_status))] + [(s.ids.astype(np.int64), s.probs.astype(np.float32),
                                                            in_loss(s.status)) for s in sources]
     ces = [comparable_ce(pivot_rep.ce, pivot_rep.assistant_tokens, pivot_rep.assistant_bytes, unit)] + [
-        comparable_ce(s.extra["source_ce"], s.extra["source_tokens"], s.extra["source_bytes"], unit) for s in sources]
-    finite = [pivot_rep.finite] + [bool(s.extra["source_finite"]) for s in sources]
+        comparable_ce(s.source_ce, s.source_tokens, s.source_bytes, unit) for s in sources]
+    finite = [pivot_rep.finite] + [bool(s.source_finite) for s in sources]
+    row = lambda ids, probs, mask, choice: FusedRow(pivot_rep.seq, pivot_rep.id, ids, probs, mask, choice,  # noqa: E731
+                                                    [float(c) for c in ces])
     if method == "avg_ce":
         weights = avg_ce_weights(ces, finite)
         if not weights.any():
-            return p_ids, p_probs, np.zeros(len(p_ids), bool), -1, ces
+            return row(p_ids, p_probs, np.zeros(len(p_ids), bool), -1)
         ids, probs, present = mix(candidates, weights, k)
-        return ids, probs, present & candidates[0][2], int(np.argmax(weights)), ces
+        return row(ids, probs, present & candidates[0][2], int(np.argmax(weights)))
     choice = min_ce_choice(ces, finite)
     if choice < 0:
-        return p_ids, p_probs, np.zeros(len(p_ids), bool), -1, ces
+        return row(p_ids, p_probs, np.zeros(len(p_ids), bool), -1)
     ids, probs, mask = candidates[choice]
-    return ids, probs, mask, choice, ces
+    return row(ids, probs, mask, choice)
 
 
 def run(cfg: RunConfig, force: bool = False) -> list[Path]:
+    """The fused sets the train stage needs: one per source (pairwise) or ``multi``, and ``multi`` for the
+    Multi baseline (``train.baselines``)."""
+    sources = [s.name for s in cfg.sources]
     if cfg.fuse.method == MULTI:
-        return [fuse_set(cfg, MULTI, [s.name for s in cfg.sources], force)]
-    return [fuse_set(cfg, s.name, [s.name], force) for s in cfg.sources]
+        return [fuse_set(cfg, MULTI, sources, force)]
+    outs = [fuse_set(cfg, s, [s], force) for s in sources]
+    if MULTI in cfg.train.baselines:
+        outs.append(fuse_set(multi_config(cfg), MULTI, sources, force))
+    return outs
 
 
-def _complete_alignment(cfg: RunConfig, source: str) -> tuple[Path, dict]:
-    folder = RunDir(cfg.run_dir).stage("align", source)
-    manifest = read_manifest(folder)
-    if not manifest or not manifest.get("complete"):
-        raise FusechatError(f"{folder} has no complete alignment; run `fusechat align CONFIG` first")
-    return folder, manifest
+def multi_config(cfg: RunConfig) -> RunConfig:
+    """The run's config with every source fused at once: the paper's Multi baseline."""
+    return cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"method": MULTI})})
 
 
 def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False) -> Path:
     rundir = RunDir(cfg.run_dir)
     out = rundir.stage("fuse", name)
     pivot_dir, pm = complete_representation(cfg, cfg.pivot)
-    aligned = [_complete_alignment(cfg, s) for s in sources]
-    payload = {"pivot": pm["fingerprint"], "align": [m["fingerprint"] for _, m in aligned],
-               "fuse": cfg.section_hash("fuse")}
+    aligned = [rundir.stage("align", s) for s in sources]
+    align_fps = [require_complete(folder, "alignment", "fusechat align CONFIG")["fingerprint"] for folder in aligned]
+    payload = {"pivot": pm["fingerprint"], "align": align_fps, "fuse": cfg.section_hash("fuse"),
+               "format": FUSED_FORMAT}
     fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force, label=f"fuse {name}"):
         return out
 
-    started = time.time()
     k = cfg.represent.top_k
     choices: Counter = Counter()
     positions = 0
     labels = ["pivot", *sources]
-    readers = [read_dists(folder) for folder, _ in aligned]
+    readers = [read_aligned(folder) for folder in aligned]
     pid_type = id_dtype(pm.get("vocab_size", 1 << 20))
-    with atomic_dir(out) as tmp, progress_bar() as bar:
+    with build_output(out, "fuse", fingerprint) as building, progress_bar() as bar:
+        shards = ShardWriter(building.folder, cfg.represent.shard_size,
+                             lambda path, rows, meta: write_fused_shard(path, rows, meta, pid_type))
         task = bar.add_task(f"fuse {name}", total=pm["num_sequences"])
-        rows, shard = [], 0
         for p in read_representation(pivot_dir):
             srcs = [next(r, None) for r in readers]
             if any(s is None or s.seq != p.seq for s in srcs):
                 raise FusechatError(f"alignments of {', '.join(sources)} do not match the pivot at sequence {p.id!r}")
-            ids, probs, mask, choice, ces = fuse_sequence(cfg.fuse.method, p, srcs, cfg.fuse.ce_unit, k)
-            choices["excluded" if choice < 0 else labels[choice]] += 1
-            positions += int(mask.sum())
-            rows.append(DistRow(seq=p.seq, id=p.id, ids=ids, probs=probs, status=mask.astype(np.int8),
-                                extra={"choice": choice, **{f"ce_{lbl}": float(c) for lbl, c in zip(labels, ces)}}))
-            if len(rows) == cfg.represent.shard_size:
-                write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
-                rows, shard = [], shard + 1
+            fused = fuse_sequence(cfg.fuse.method, p, srcs, cfg.fuse.ce_unit, k)
+            choices["excluded" if fused.choice < 0 else labels[fused.choice]] += 1
+            positions += int(fused.in_loss.sum())
+            shards.add(fused)
             bar.advance(task)
-        if rows:
-            write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
-        manifest = new_manifest(
-            "fuse", fingerprint, name=name, pivot=cfg.pivot.name, sources=sources, method=cfg.fuse.method,
+        shards.flush()
+        building.manifest.update(
+            name=name, pivot=cfg.pivot.name, sources=sources, candidates=labels, method=cfg.fuse.method,
             ce_unit=cfg.fuse.ce_unit, pivot_tokenizer_hash=pm["tokenizer_hash"], top_k=k,
             sequences=pm["num_sequences"], choices={lbl: choices[lbl] for lbl in [*labels, "excluded"]},
-            positions_in_fusion_loss=positions, elapsed_s=round(time.time() - started, 3),
+            positions_in_fusion_loss=positions,
         )
-        manifest["complete"] = True
-        write_manifest(tmp, manifest)
     console.print(summary_table(f"fuse {name} ({cfg.fuse.method}) → {out}", [
         *[(f"sequences choosing {lbl}", choices[lbl]) for lbl in labels],
         ("sequences excluded (no finite CE)", choices["excluded"]),

@@ -24,13 +24,11 @@ from fusechat.models import load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import (
     RunDir,
-    atomic_dir,
+    build_output,
     inputs_fingerprint,
     is_complete,
-    new_manifest,
-    read_manifest,
+    require_complete,
     sha256_tree,
-    write_manifest,
 )
 
 MAX_LISTED_ERRORS = 20
@@ -220,7 +218,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
     stats = PrepareStats()
     preparer = Preparer(tokenizer, template, cfg.prepare.max_length, stats)
-    with atomic_dir(out) as tmp, progress_bar() as bar:
+    with build_output(out, "prepare", fingerprint, started) as building, progress_bar() as bar:
+        tmp = building.folder
         task = bar.add_task("prepare", total=total)
         arrow_path = tmp / "rows.arrow.tmp"
         writer = ArrowWriter(features=features(), path=str(arrow_path))
@@ -250,9 +249,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             raise DataError(f"no usable conversation in {', '.join(cfg.data.paths)} ({stats.records} records read)")
         Dataset.from_file(str(arrow_path)).save_to_disk(str(tmp / "dataset"))
         arrow_path.unlink()
-        manifest = new_manifest(
-            "prepare",
-            fingerprint,
+        building.manifest.update(
             inputs=inputs,
             pivot={"name": cfg.pivot.name, "path": cfg.pivot.path, "tokenizer_hash": tok_hash},
             template=template.name,
@@ -260,10 +257,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             eos_token=tokenizer.eos_token,
             max_length=cfg.prepare.max_length,
             counts=stats.as_dict(),
-            elapsed_s=round(time.time() - started, 3),
         )
-        manifest["complete"] = True
-        write_manifest(tmp, manifest)
     print_summary(stats, out)
     return out
 
@@ -272,11 +266,8 @@ def load_prepared(cfg: RunConfig):
     """The prepared dataset of a run (``datasets.Dataset``), or a clear error if prepare has not run."""
     from datasets import load_from_disk
 
-
     out = RunDir(cfg.run_dir).stage("prepare")
-    manifest = read_manifest(out)
-    if not manifest or not manifest.get("complete"):
-        raise FusechatError(f"{out} has no complete prepared data; run `fusechat prepare` first")
+    require_complete(out, "prepared data", "fusechat prepare CONFIG")
     return load_from_disk(str(out / "dataset"))
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,6 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
         return False
     if manifest.get("fingerprint") == fingerprint:
         if not force and label:
-
             console.print(f"{label}: {folder} is complete, skipping")
         return not force
     if force:
@@ -125,6 +125,40 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
 
 
 inputs_fingerprint = stable_hash  # the stages' name for it
+
+
+@dataclass
+class Building:
+    """A stage output being built: write files into ``folder``, add facts to ``manifest``."""
+
+    folder: Path
+    manifest: dict
+
+
+@contextlib.contextmanager
+def build_output(final: str | os.PathLike, stage: str, fingerprint: str, started: float | None = None,
+                 **fields: Any) -> Iterator[Building]:
+    """Build a stage's output folder atomically, with its manifest.
+
+    The block writes into ``building.folder`` (a temporary sibling of ``final``) and may
+    add to ``building.manifest``; when it succeeds the manifest gets the wall time since
+    ``started`` (default: now) and ``complete: true``, and the folder replaces ``final``.
+    """
+    started = time.time() if started is None else started
+    with atomic_dir(final) as tmp:
+        building = Building(tmp, new_manifest(stage, fingerprint, **fields))
+        yield building
+        building.manifest.setdefault("elapsed_s", round(time.time() - started, 3))
+        building.manifest["complete"] = True
+        write_manifest(tmp, building.manifest)
+
+
+def require_complete(folder: str | os.PathLike, what: str, command: str) -> dict:
+    """The manifest of ``folder``'s complete output, or an error saying which command makes it."""
+    manifest = read_manifest(folder)
+    if not manifest or not manifest.get("complete"):
+        raise FusechatError(f"{folder} has no complete {what}; run `{command}` first")
+    return manifest
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

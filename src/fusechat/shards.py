@@ -1,6 +1,10 @@
-"""On-disk format of a model's representation: Parquet shards of top-k distributions.
+"""On-disk formats of the stages' rows: Parquet shards, one row per prepared sequence.
 
-One row per prepared sequence (the model's own tokenization of its text):
+- represent: ``SequenceRep``, a model's own tokens and top-k distributions (below);
+- align: ``AlignedRow``, a source's distributions on the pivot's positions;
+- fuse: ``FusedRow``, the distributions a target learns from.
+
+A model's representation (its own tokenization of the prepared text):
 
 | column | type | shape |
 |---|---|---|
@@ -26,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,30 +79,24 @@ def _list_of(flat: np.ndarray, lengths: list[int], width: int | None = None):
 def write_shard(path: Path, rows: list[SequenceRep], meta: dict) -> int:
     """Write rows as one Parquet shard, atomically; returns its size in bytes."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     lengths = [len(r.input_ids) for r in rows]
     k = rows[0].topk_ids.shape[1] if rows else 1
     cat = lambda name: np.concatenate([getattr(r, name) for r in rows]) if rows else np.zeros((0,))  # noqa: E731
-    table = pa.table(
-        {
-            "seq": pa.array([r.seq for r in rows], pa.int64()),
-            "id": pa.array([r.id for r in rows], pa.string()),
-            "input_ids": _list_of(cat("input_ids"), lengths),
-            "offsets": _list_of(cat("offsets").astype(np.int32), lengths, 2),
-            "assistant_mask": _list_of(cat("assistant_mask").astype(bool), lengths),
-            "topk_ids": _list_of(cat("topk_ids"), lengths, k),
-            "topk_logits": _list_of(cat("topk_logits").astype(np.float16), lengths, k),
-            "ce": pa.array([r.ce for r in rows], pa.float32()),
-            "assistant_tokens": pa.array([r.assistant_tokens for r in rows], pa.int32()),
-            "assistant_bytes": pa.array([r.assistant_bytes for r in rows], pa.int32()),
-            "finite": pa.array([r.finite for r in rows], pa.bool_()),
-        }
-    ).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path.stat().st_size
+    columns = {
+        "seq": pa.array([r.seq for r in rows], pa.int64()),
+        "id": pa.array([r.id for r in rows], pa.string()),
+        "input_ids": _list_of(cat("input_ids"), lengths),
+        "offsets": _list_of(cat("offsets").astype(np.int32), lengths, 2),
+        "assistant_mask": _list_of(cat("assistant_mask").astype(bool), lengths),
+        "topk_ids": _list_of(cat("topk_ids"), lengths, k),
+        "topk_logits": _list_of(cat("topk_logits").astype(np.float16), lengths, k),
+        "ce": pa.array([r.ce for r in rows], pa.float32()),
+        "assistant_tokens": pa.array([r.assistant_tokens for r in rows], pa.int32()),
+        "assistant_bytes": pa.array([r.assistant_bytes for r in rows], pa.int32()),
+        "finite": pa.array([r.finite for r in rows], pa.bool_()),
+    }
+    return _write_table(path, columns, meta)
 
 
 def shard_meta(path: Path) -> dict:
@@ -158,11 +156,13 @@ def read_representation(folder: str | os.PathLike) -> Iterator[SequenceRep]:
 
 
 @dataclass
-class DistRow:
-    """Sparse distributions at every pivot position of one sequence (align and fuse output).
+class AlignedRow:
+    """One sequence of the align stage: a source's distributions on the pivot's positions.
 
-    ``ids``/``probs``: (T, k) pivot ids and probabilities; ``status``: (T,) int8,
-    whose meaning the writing stage defines; ``extra``: per-sequence scalars.
+    ``ids``/``probs``: (T, k) pivot ids and probabilities; ``status``: (T,) int8, how each
+    position was filled (``fusechat.align.project``: aligned, one-hot, dropped, no target);
+    the source's own cross-entropy on the assistant tokens, their count and bytes, and
+    whether its logits were finite (what MinCE compares).
     """
 
     seq: int
@@ -170,47 +170,132 @@ class DistRow:
     ids: np.ndarray
     probs: np.ndarray
     status: np.ndarray
-    extra: dict
+    source_ce: float
+    source_tokens: int
+    source_bytes: int
+    source_finite: bool
 
 
-def write_dist_shard(path: Path, rows: list[DistRow], meta: dict, id_type=np.int32) -> int:
+@dataclass
+class FusedRow:
+    """One sequence of the fuse stage: the distributions the target learns from.
+
+    ``in_loss``: (T,) bool, position t is in the fusion term; ``choice``: the chosen
+    candidate (0 the pivot, j the j-th source of the set, −1 none: the sequence is out
+    of the fusion loss); ``candidate_ce``: each candidate's comparable CE, in the order
+    of the fuse manifest's ``candidates``.
+    """
+
+    seq: int
+    id: str
+    ids: np.ndarray
+    probs: np.ndarray
+    in_loss: np.ndarray
+    choice: int
+    candidate_ce: list[float]
+
+
+def _dist_columns(rows: list, id_type) -> dict:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    lengths = [len(r.status) for r in rows]
+    lengths = [len(r.ids) for r in rows]
     k = rows[0].ids.shape[1] if rows else 1
-    columns = {
+    return {
         "seq": pa.array([r.seq for r in rows], pa.int64()),
         "id": pa.array([r.id for r in rows], pa.string()),
         "ids": _list_of(np.concatenate([r.ids for r in rows]).astype(id_type), lengths, k),
         "probs": _list_of(np.concatenate([r.probs for r in rows]).astype(np.float16), lengths, k),
-        "status": _list_of(np.concatenate([r.status for r in rows]).astype(np.int8), lengths),
     }
-    for name in rows[0].extra if rows else ():
-        columns[name] = pa.array([r.extra[name] for r in rows])
-    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path.stat().st_size
 
 
-def read_dist_shard(path: Path) -> Iterator[DistRow]:
+def write_aligned_shard(path: Path, rows: list[AlignedRow], meta: dict, id_type=np.int32) -> int:
+    import pyarrow as pa
+
+    lengths = [len(r.ids) for r in rows]
+    columns = {
+        **_dist_columns(rows, id_type),
+        "status": _list_of(np.concatenate([r.status for r in rows]).astype(np.int8), lengths),
+        "source_ce": pa.array([r.source_ce for r in rows], pa.float64()),
+        "source_tokens": pa.array([r.source_tokens for r in rows], pa.int64()),
+        "source_bytes": pa.array([r.source_bytes for r in rows], pa.int64()),
+        "source_finite": pa.array([r.source_finite for r in rows], pa.bool_()),
+    }
+    return _write_table(path, columns, meta)
+
+
+def write_fused_shard(path: Path, rows: list[FusedRow], meta: dict, id_type=np.int32) -> int:
+    import pyarrow as pa
+
+    lengths = [len(r.ids) for r in rows]
+    columns = {
+        **_dist_columns(rows, id_type),
+        "in_loss": _list_of(np.concatenate([r.in_loss for r in rows]).astype(bool), lengths),
+        "choice": pa.array([r.choice for r in rows], pa.int64()),
+        "candidate_ce": pa.array([[float(c) for c in r.candidate_ce] for r in rows], pa.list_(pa.float64())),
+    }
+    return _write_table(path, columns, meta)
+
+
+def _read_dists(path: Path, per_position: str, scalars: tuple[str, ...]) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     k = table.schema.field("ids").type.value_type.list_size
     ids, off = _nested(table.column("ids"), k)
     probs, _ = _nested(table.column("probs"), k)
-    status, _ = _nested(table.column("status"))
-    extra_names = [n for n in table.column_names if n not in ("seq", "id", "ids", "probs", "status")]
-    scalars = {n: table.column(n).to_pylist() for n in ("seq", "id", *extra_names)}
+    values, _ = _nested(table.column(per_position))
+    cols = {n: table.column(n).to_pylist() for n in ("seq", "id", *scalars)}
     for i in range(table.num_rows):
         a, b = off[i], off[i + 1]
-        yield DistRow(seq=scalars["seq"][i], id=scalars["id"][i], ids=ids[a:b], probs=probs[a:b],
-                      status=status[a:b], extra={n: scalars[n][i] for n in extra_names})
+        yield {"ids": ids[a:b], "probs": probs[a:b], per_position: values[a:b], **{n: cols[n][i] for n in cols}}
 
 
-def read_dists(folder: str | os.PathLike) -> Iterator[DistRow]:
+def read_aligned(folder: str | os.PathLike) -> Iterator[AlignedRow]:
+    """Every sequence of an align folder, in prepared-dataset order."""
     for _, path in sorted(shard_files(Path(folder)).items()):
-        yield from read_dist_shard(path)
+        for row in _read_dists(path, "status", ("source_ce", "source_tokens", "source_bytes", "source_finite")):
+            yield AlignedRow(**row)
+
+
+def read_fused(folder: str | os.PathLike) -> Iterator[FusedRow]:
+    """Every sequence of a fuse folder, in prepared-dataset order."""
+    for _, path in sorted(shard_files(Path(folder)).items()):
+        for row in _read_dists(path, "in_loss", ("choice", "candidate_ce")):
+            yield FusedRow(**{**row, "in_loss": row["in_loss"].astype(bool)})
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_table(path: Path, columns: dict, meta: dict) -> int:
+    """One Parquet shard from ``columns``, flushed to disk then renamed into place; its size in bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+class ShardWriter:
+    """Rows in, ``shard-NNNNN.parquet`` files of ``size`` rows out (the last one shorter) under ``folder``."""
+
+    def __init__(self, folder: Path, size: int, write: Callable[[Path, list, dict], int]):
+        self.folder, self.size, self.write = Path(folder), size, write
+        self.rows: list = []
+        self.shards = 0
+
+    def add(self, row) -> None:
+        self.rows.append(row)
+        if len(self.rows) == self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.write(self.folder / shard_name(self.shards), self.rows, {"shard": self.shards})
+            self.rows, self.shards = [], self.shards + 1

@@ -7,7 +7,7 @@ distributions onto the pivot. With the ``offsets`` method both tokenizations are
 placed in bytes of the prepared text (``sequence.byte_spans``) and projection
 uses exact spans first, byte prefixes otherwise (``project.project_spans``).
 Output ``<run_dir>/align/<source>/``: ``vocab_map.npz``, ``shard-*.parquet``
-(``DistRow``: ids, probs and status per pivot position, with the source's CE,
+(``AlignedRow``: ids, probs and status per pivot position, with the source's CE,
 token and byte counts), ``manifest.json`` with the coverage (by how: exact,
 prefix, fallback) and the count of every alignment case.
 """
@@ -42,37 +42,20 @@ from fusechat.errors import FusechatError
 from fusechat.models import load_tokenizer
 from fusechat.prepare import load_prepared
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import (
-    RunDir,
-    atomic_dir,
-    inputs_fingerprint,
-    is_complete,
-    new_manifest,
-    read_manifest,
-    write_manifest,
-)
-from fusechat.shards import (
-    DistRow,
-    id_dtype,
-    read_representation,
-    shard_name,
-    write_dist_shard,
-)
+from fusechat.rundir import RunDir, build_output, inputs_fingerprint, is_complete, require_complete
+from fusechat.shards import AlignedRow, ShardWriter, id_dtype, read_representation, write_aligned_shard
 
 
 def complete_representation(cfg: RunConfig, spec: ModelSpec) -> tuple[Path, dict]:
     folder = RunDir(cfg.run_dir).stage("represent", spec.name)
-    manifest = read_manifest(folder)
-    if not manifest or not manifest.get("complete"):
-        raise FusechatError(f"{folder} has no complete representation; run `fusechat represent CONFIG --model {spec.name}`")
-    return folder, manifest
+    return folder, require_complete(folder, "representation", f"fusechat represent CONFIG --model {spec.name}")
 
 
 def run(cfg: RunConfig, force: bool = False) -> list[Path]:
     return [align_source(cfg, spec, force) for spec in cfg.sources]
 
 
-ALIGN_VERSION = 2  # bumped when the same inputs give other output (2: byte-exact alignment, prefix projection)
+ALIGN_VERSION = 3  # bumped when the same inputs give other output (2: byte-exact alignment, 3: AlignedRow shards)
 
 
 class Aligner:
@@ -182,36 +165,27 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     cases: Counter = Counter()
     by_how: Counter = Counter()
     unmapped_positions = 0
-    shard_size = cfg.represent.shard_size
     pid_type = id_dtype(len(pivot_tok))
-    with atomic_dir(out) as tmp, progress_bar() as bar:
-        vocab_map.save(tmp / "vocab_map.npz")
+    with build_output(out, "align", fingerprint, started) as building, progress_bar() as bar:
+        vocab_map.save(building.folder / "vocab_map.npz")
+        shards = ShardWriter(building.folder, cfg.represent.shard_size,
+                             lambda path, rows, meta: write_aligned_shard(path, rows, meta, pid_type))
         task = bar.add_task(f"align {spec.name}: projection", total=total)
-        rows: list[DistRow] = []
-        shard = 0
         for p, s in paired(pivot_dir, source_dir, spec.name):
             proj = aligner.project(p, s, texts[p.seq], vocab_map, cfg.align.unaligned)
-            seq_cases = Counter(STATUS_NAMES[int(x)] for x in proj.status)
-            cases.update(seq_cases)
+            cases.update(STATUS_NAMES[int(x)] for x in proj.status)
             by_how.update(proj.counts())
             unmapped_positions += proj.unmapped_positions
-            rows.append(DistRow(
-                seq=p.seq, id=p.id, ids=proj.ids, probs=proj.probs, status=proj.status,
-                extra={"source_ce": s.ce, "source_tokens": s.assistant_tokens, "source_bytes": s.assistant_bytes,
-                       "source_finite": s.finite, "aligned": seq_cases["aligned"], "one_hot": seq_cases["one_hot"],
-                       "dropped": seq_cases["dropped"]},
-            ))
-            if len(rows) == shard_size:
-                write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
-                rows, shard = [], shard + 1
+            shards.add(AlignedRow(seq=p.seq, id=p.id, ids=proj.ids, probs=proj.probs, status=proj.status,
+                                  source_ce=s.ce, source_tokens=s.assistant_tokens, source_bytes=s.assistant_bytes,
+                                  source_finite=s.finite))
             bar.advance(task)
-        if rows:
-            write_dist_shard(tmp / shard_name(shard), rows, {"shard": shard}, pid_type)
+        shards.flush()
         targets = cases["aligned"] + cases["one_hot"] + cases["dropped"]
         coverage = vocab_map.coverage()
         used_coverage = vocab_map.coverage(used[used < len(vocab_map.method)])
-        manifest = new_manifest(
-            "align", fingerprint, source=spec.name, pivot=cfg.pivot.name, method=cfg.align.method,
+        building.manifest.update(
+            source=spec.name, pivot=cfg.pivot.name, method=cfg.align.method,
             unaligned=cfg.align.unaligned, sequences=total, groups=dict(kinds),
             positions={k: cases[k] for k in ("aligned", "one_hot", "dropped", "no_target")},
             aligned_share=round(cases["aligned"] / targets, 4) if targets else None,
@@ -219,10 +193,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             aligned_positions_without_mapped_ids=unmapped_positions,
             vocab_coverage=coverage, vocab_coverage_of_used_ids=used_coverage,
             source_vocab_size=int(len(vocab_map.pivot_id)),
-            elapsed_s=round(time.time() - started, 3),
         )
-        manifest["complete"] = True
-        write_manifest(tmp, manifest)
     console.print(summary_table(f"align {spec.name} → {out}", [
         ("sequences", total),
         *[(f"groups {k.replace('_', '-')}", v) for k, v in kinds.items()],

@@ -26,13 +26,11 @@ from fusechat.models import with_model
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
     RunDir,
-    atomic_dir,
     atomic_write_text,
+    build_output,
     inputs_fingerprint,
     is_complete,
-    new_manifest,
     sha256_file,
-    write_manifest,
 )
 
 # ---------------------------------------------------------------- scoring
@@ -171,15 +169,11 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
     if source_skills:
         results["source_skills"] = source_skills
     results["pipeline"] = pipeline_summary(cfg)
-    with atomic_dir(out) as tmp:
-        write_outputs(tmp, results, records, f"fusechat eval: {Path(cfg.run_dir).name}")
-        manifest = new_manifest("eval", fingerprint, models=results["models"], data=list(cfg.eval.data),
-                                items=len(items), settings=cfg.eval.model_dump(mode="json"),
-                                elapsed_s=round(time.time() - started, 3))
-        manifest["complete"] = True
-        write_manifest(tmp, manifest)
+    with build_output(out, "eval", fingerprint, started, models=results["models"], data=list(cfg.eval.data),
+                      items=len(items), settings=cfg.eval.model_dump(mode="json")) as building:
+        write_outputs(building.folder, results, records, f"fusechat eval: {Path(cfg.run_dir).name}")
         if (out / "mt_bench").is_dir():  # the benchmark's answers and judgments outlive a redone items eval
-            shutil.copytree(out / "mt_bench", tmp / "mt_bench")
+            shutil.copytree(out / "mt_bench", building.folder / "mt_bench")
     show(results, out)
     return out
 

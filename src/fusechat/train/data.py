@@ -37,7 +37,7 @@ class FusionDataset(torch.utils.data.Dataset):
                 raise ValueError(f"fused row {seq} holds sequence {f['seq']}: fused targets out of order")
             item["fused_ids"] = f["ids"]
             item["fused_probs"] = f["probs"]
-            item["fusion_mask"] = f["status"]
+            item["fusion_mask"] = f["in_loss"]
         return item
 
 

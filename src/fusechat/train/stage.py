@@ -15,28 +15,27 @@ import shutil
 import time
 from pathlib import Path
 
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, TrainConfig
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
-from fusechat.fuse import fuse_set
+from fusechat.fuse import MULTI, multi_config
 from fusechat.models import load_causal_lm, load_tokenizer, tokenizer_hash
 from fusechat.prepare import load_prepared
 from fusechat.progress import console
 from fusechat.rundir import (
     RunDir,
-    atomic_dir,
     atomic_write_text,
+    build_output,
     inputs_fingerprint,
     is_complete,
-    new_manifest,
     read_manifest,
-    write_manifest,
+    require_complete,
 )
 from fusechat.train.data import FusionCollator, FusionDataset, load_fused
 from fusechat.train.trainer import FusionTrainer
 
-SFT, MULTI = "sft", "multi"
+SFT = "sft"
 
 
 def targets(cfg: RunConfig) -> list[str]:
@@ -55,7 +54,7 @@ def baseline_config(cfg: RunConfig, name: str) -> RunConfig:
     if name == SFT:
         return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lambda_": 1.0, "lambda_end": None})})
     if name == MULTI:
-        return cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"method": MULTI})})
+        return multi_config(cfg)
     return cfg
 
 
@@ -65,23 +64,15 @@ def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[
         if source not in names:
             raise FusechatError(f"no target {source!r} in this run (targets: {', '.join(names)})")
         names = [source]
-    outs = []
-    for name in names:
-        target_cfg = baseline_config(cfg, name) if name in cfg.train.baselines else cfg
-        if name == MULTI and name in cfg.train.baselines:
-
-            fuse_set(target_cfg, MULTI, [s.name for s in cfg.sources], force)
-        outs.append(train_target(target_cfg, name, force))
-    return outs
+    return [train_target(baseline_config(cfg, name) if name in cfg.train.baselines else cfg, name, force)
+            for name in names]
 
 
 def _fused_inputs(cfg: RunConfig, name: str, pivot_tok_hash: str) -> tuple[Path | None, dict | None]:
     if name == SFT:
         return None, None
     folder = RunDir(cfg.run_dir).stage("fuse", name)
-    manifest = read_manifest(folder)
-    if not manifest or not manifest.get("complete"):
-        raise FusechatError(f"{folder} has no complete fused targets; run `fusechat fuse CONFIG` first")
+    manifest = require_complete(folder, "fused targets", "fusechat fuse CONFIG")
     if manifest.get("pivot_tokenizer_hash") != pivot_tok_hash:
         raise FusechatError(
             f"the fused targets in {folder} were made for another pivot (tokenizer hash "
@@ -101,17 +92,13 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
 
 
 def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
-    from transformers import TrainingArguments
-
-
-    t = cfg.train
+    """Train (or resume, or skip when complete) the target ``name`` and save it to ``targets/<name>/``."""
     state = process_state("auto")
     rundir = RunDir(cfg.run_dir)
     out = rundir.stage("train", name)
     work = out.with_name(f".{name}.work")
     tokenizer = load_tokenizer(cfg.pivot)
-    tok_hash = tokenizer_hash(tokenizer)
-    fused_dir, fused_manifest = _fused_inputs(cfg, name, tok_hash)
+    fused_dir, fused_manifest = _fused_inputs(cfg, name, tokenizer_hash(tokenizer))
     prepared_manifest = read_manifest(rundir.stage("prepare")) or {}
     payload = {"prepared": prepared_manifest.get("fingerprint"), "fused": (fused_manifest or {}).get("fingerprint"),
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
@@ -122,6 +109,30 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
 
+    trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state)
+    last = _last_checkpoint(work / "checkpoints")
+    if last and state.is_main_process:
+        console.print(f"train {name}: resuming from {last}")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    final = trainer.model.merge_and_unload() if cfg.train.lora.enabled else trainer.model  # merge needs full weights
+    if state.is_main_process:
+        _save_target(cfg, name, final, tokenizer, out, fingerprint, {
+            "train_loss": round(result.training_loss, 6), "steps": trainer.state.global_step,
+            "num_processes": state.num_processes, **sizes,
+            "elapsed_s": round(time.time() - started, 3), "log_history": trainer.state.log_history,
+            "fused": str(fused_dir) if fused_dir else None,
+        })
+        if not cfg.train.keep_checkpoints:
+            shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+    return out
+
+
+def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, work: Path,
+                  state) -> tuple[FusionTrainer, dict]:
+    """The FusionTrainer of one target (the pivot, its data and the fused targets) and its data sizes."""
+    t = cfg.train
     prepared = load_prepared(cfg)
     train_idx, eval_idx = split_indices(len(prepared), t.eval_fraction, t.seed)
     if not train_idx:
@@ -143,11 +154,30 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
 
         model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                                                  target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
-    args = TrainingArguments(
+    trainer = FusionTrainer(
+        model=model,
+        args=training_arguments(t, work, t.global_batch_size // per_step, bool(eval_idx), state),
+        train_dataset=FusionDataset(prepared, train_idx, fused),
+        eval_dataset=FusionDataset(prepared, eval_idx, fused) if eval_idx else None,
+        data_collator=FusionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        lam=1.0 if name == SFT else t.lambda_,
+        lam_end=None if name == SFT else t.lambda_end,
+        fusion_kind=t.fusion_loss,
+        temperature=t.temperature,
+    )
+    trainer.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
+    return trainer, {"train_sequences": len(train_idx), "eval_sequences": len(eval_idx)}
+
+
+def training_arguments(t: TrainConfig, work: Path, accumulation: int, has_eval: bool, state):
+    """The Trainer's arguments for the train section; checkpoints under ``work``."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(work / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.global_batch_size // per_step,
+        gradient_accumulation_steps=accumulation,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
@@ -162,8 +192,8 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if eval_idx else "no",
-        eval_steps=t.logging_steps if eval_idx else None,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.logging_steps if has_eval else None,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         remove_unused_columns=False,
         use_cpu=state.device.type == "cpu",
@@ -171,38 +201,6 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
         disable_tqdm=not state.is_main_process,
         dataloader_num_workers=0,
     )
-    trainer = FusionTrainer(
-        model=model,
-        args=args,
-        train_dataset=FusionDataset(prepared, train_idx, fused),
-        eval_dataset=FusionDataset(prepared, eval_idx, fused) if eval_idx else None,
-        data_collator=FusionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        lam=1.0 if name == SFT else t.lambda_,
-        lam_end=None if name == SFT else t.lambda_end,
-        fusion_kind=t.fusion_loss,
-        temperature=t.temperature,
-    )
-    trainer.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
-    last = _last_checkpoint(work / "checkpoints")
-    if last and state.is_main_process:
-        console.print(f"train {name}: resuming from {last}")
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    final = trainer.model
-    if t.lora.enabled:
-        final = final.merge_and_unload()  # the merge stage needs full weights
-    if state.is_main_process:
-        _save_target(cfg, name, final, tokenizer, out, fingerprint, {
-            "train_loss": round(result.training_loss, 6), "steps": trainer.state.global_step,
-            "num_processes": state.num_processes,
-            "train_sequences": len(train_idx), "eval_sequences": len(eval_idx),
-            "elapsed_s": round(time.time() - started, 3), "log_history": trainer.state.log_history,
-            "fused": str(fused_dir) if fused_dir else None,
-        })
-        if not t.keep_checkpoints:
-            shutil.rmtree(work, ignore_errors=True)
-    state.wait_for_everyone()
-    return out
 
 
 def _checkpointing_arg(enabled: bool) -> dict:
@@ -222,18 +220,14 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 
 def _save_target(cfg: RunConfig, name: str, model, tokenizer, out: Path, fingerprint: str, stats: dict) -> None:
-
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with build_output(out, "train", fingerprint, target=name, pivot=cfg.pivot.path,
+                      source=None if name in (SFT, MULTI) else cfg.model(name).path,
+                      settings=cfg.train.model_dump(mode="json", by_alias=True), **stats) as building:
+        model.save_pretrained(str(building.folder), safe_serialization=True)
         if cfg.prepare.template in BUILTIN_TEMPLATES:
             tokenizer.chat_template = BUILTIN_TEMPLATES[cfg.prepare.template].jinja
-        tokenizer.save_pretrained(str(tmp))
-        atomic_write_text(tmp / "README.md", model_card(cfg, name, stats))
-        manifest = new_manifest("train", fingerprint, target=name, pivot=cfg.pivot.path,
-                                source=None if name in (SFT, MULTI) else cfg.model(name).path,
-                                settings=cfg.train.model_dump(mode="json", by_alias=True), **stats)
-        manifest["complete"] = True
-        write_manifest(tmp, manifest)
+        tokenizer.save_pretrained(str(building.folder))
+        atomic_write_text(building.folder / "README.md", model_card(cfg, name, stats))
     console.print(f"train {name}: target saved to {out} ({stats['steps']} steps, loss {stats['train_loss']:.4f})")
 
 

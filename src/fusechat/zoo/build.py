@@ -22,11 +22,9 @@ from fusechat.config import load_config
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.progress import console
 from fusechat.rundir import (
-    atomic_dir,
+    build_output,
     inputs_fingerprint,
-    new_manifest,
     read_manifest,
-    write_manifest,
 )
 from fusechat.train.stage import train_target
 from fusechat.zoo.models import build_model as init_model
@@ -158,19 +156,17 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
     cfg = load_config(work / "run.yaml")
     prepare.run(cfg)
     trained = train_target(cfg, "sft")
-    with atomic_dir(folder) as tmp:
+    trained_manifest = read_manifest(trained) or {}
+    with build_output(folder, "zoo", fingerprint, started, spec=asdict(model),
+                      train=trained_manifest.get("train_loss")) as building:
         for f in trained.iterdir():
             if f.is_file() and f.name not in ("manifest.json", "README.md"):
-                shutil.copyfile(f, tmp / f.name)
-        (tmp / "README.md").write_text(
+                shutil.copyfile(f, building.folder / f.name)
+        (building.folder / "README.md").write_text(
             f"# {model.name}: a fusechat zoo model\n\n{model.arch} ({model.hidden} × {model.layers}), "
             f"{model.tokenizer} tokenizer, trained with fusechat (λ = 1) on: "
             + ", ".join(f"{s} ({n})" for s, n in model.skills.items()) + ".\n"
         )
-        record = new_manifest("zoo", fingerprint, spec=asdict(model), elapsed_s=round(time.time() - started, 1),
-                              train=read_manifest(trained).get("train_loss") if read_manifest(trained) else None)
-        record["complete"] = True
-        write_manifest(tmp, record)
     shutil.rmtree(work, ignore_errors=True)
     console.print(f"zoo {model.name}: built in {time.time() - started:.0f} s → {folder}")
     return folder
