@@ -172,6 +172,8 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
         lam_end=None if name == SFT else t.lambda_end,
         fusion_kind=t.fusion_loss,
         temperature=t.temperature,
+        chunked_loss=t.chunked_loss,
+        loss_chunk_size=t.loss_chunk_size,
     )
     trainer.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
     last = _last_checkpoint(work / "checkpoints")
