@@ -271,6 +271,9 @@ def test_heads_it_cannot_stand_in_for_keep_the_plain_path():
     assert chunkable_head(lora_body) is not None  # the head itself is untouched
     lora_head = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     assert chunkable_head(lora_head) is None
+    remote = tiny_model("llama")
+    remote.__class__ = type("RemoteCodeLlama", (type(remote),), {})  # a class from outside transformers
+    assert chunkable_head(remote) is None
     model.config.model_type = "cohere"  # an architecture that scales its logits after the head
     assert chunkable_head(model) is None
     softcapped = tiny_model("gemma2")

@@ -20,10 +20,13 @@ CHUNKED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3"
 
 def chunkable_head(model) -> tuple[torch.nn.Linear, float | None] | None:
     """The lm-head of ``model`` (unwrapped from DDP; a peft model's base) and its logit soft-cap, when the
-    chunked loss can compute the logits in its place: a plain ``nn.Linear`` head of a known architecture."""
+    chunked loss can compute the logits in its place: a plain ``nn.Linear`` head of a known architecture
+    from transformers itself."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in CHUNKED_MODEL_TYPES or not hasattr(base, "get_output_embeddings"):
+        return None
+    if not type(base).__module__.startswith("transformers."):  # remote code may do anything with its logits
         return None
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # LoRA-wrapped, quantised and other heads keep the plain path
