@@ -129,7 +129,7 @@ def run_variants(variants, rounds: int, steps: int, warmup: int) -> dict[str, li
     for _ in range(rounds):
         for variant in variants:
             out = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(steps),
-                                  "--warmup", str(warmup)], capture_output=True, text=True, env=env)
+                                  "--warmup", str(warmup)], capture_output=True, text=True, env=env, check=False)
             if out.returncode:
                 raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
             results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))

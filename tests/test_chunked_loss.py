@@ -46,7 +46,7 @@ def assert_same(hidden, weight, bias, labels, ids, probs, mask, lam, kind="ce", 
     got_grads = torch.autograd.grad(got.loss, inputs, allow_unused=True)
     for name, r, c in zip(("hidden", "weight", "bias"), ref_grads, got_grads):
         r = torch.zeros_like(c) if r is None else r  # nothing scored: the plain graph may not reach an input
-        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad wrt {name}: {m}")
+        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"grad wrt {name}: {m}")
     return got
 
 
@@ -182,8 +182,8 @@ def tiny_model(arch, vocab=96, tie=False):
     else:
         from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
 
-        common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie)
+        common = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": tie}
         config = {
             "qwen3": lambda: Qwen3Config(**common),
             "phi3": lambda: Phi3Config(**{k: v for k, v in common.items() if k != "head_dim"}, pad_token_id=0),
@@ -243,7 +243,7 @@ def test_trainer_chunked_equals_plain(arch, tie, tmp_path, monkeypatch):
     torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert plain_grads.keys() == chunked_grads.keys()
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     # The head is itself again afterwards.
     assert "forward" not in model.get_output_embeddings().__dict__
     logits = model(input_ids=trainer_inputs()["input_ids"]).logits

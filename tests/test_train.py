@@ -270,4 +270,4 @@ def test_chunked_and_plain_loss_train_to_the_same_weights(tmp_path, zoo):
     # Adam moves a weight by about the learning rate (5e-3) per step whatever the size of its gradient, so a
     # rounding difference in a near-zero gradient can show: allow 2 % of one step.
     for name, tensor in weights(plain_out).items():
-        torch.testing.assert_close(chunked[name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(chunked[name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -54,7 +54,7 @@ def chunked_fusion_loss(
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    B, T, H = hidden.shape
+    B, T, _ = hidden.shape
     n = B * (T - 1)
     targets = labels[:, 1:].reshape(n)
     gold_mask = targets != IGNORE_INDEX
@@ -81,12 +81,12 @@ def chunked_fusion_loss(
     rows = active.nonzero().squeeze(-1)  # (n_active,)
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
-    selected = dict(
-        targets=targets[rows], gold_coef=gold_coef[rows], gold_mask=gold_mask[rows],
-        ids=None if ids is None else ids[rows], q=None if q is None else q[rows],
-        fusion_coef=None if fusion_coef is None else fusion_coef[rows],
-        fusion_mask=None if fusion_coef is None else fmask[rows],
-    )
+    selected = {
+        "targets": targets[rows], "gold_coef": gold_coef[rows], "gold_mask": gold_mask[rows],
+        "ids": None if ids is None else ids[rows], "q": None if q is None else q[rows],
+        "fusion_coef": None if fusion_coef is None else fusion_coef[rows],
+        "fusion_mask": None if fusion_coef is None else fmask[rows],
+    }
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
@@ -106,7 +106,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, sel, chunk_size, softcap, needs):
         need_h, need_w, need_b = needs
-        B, T, H = hidden.shape
+        H = hidden.shape[-1]
         device_type = hidden.device.type
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; the loss math is fp32.
         mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
