@@ -221,6 +221,13 @@ class TrainConfig(Section):
     per_device_batch_size: int = Field(1, gt=0)
     bf16: bool = False
     gradient_checkpointing: bool = False
+    chunked_loss: bool = Field(
+        True, description="Compute the lm-head and loss a chunk of positions at a time, never the full logits, "
+        "where the model allows it (see docs/train.md); false: the plain full-logits path.",
+    )
+    loss_chunk_size: int | None = Field(
+        None, gt=0, description="Positions per chunk of the chunked loss (default: 2^25 logits' worth).",
+    )
     seed: int = 42
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the sequences held out for evaluation.")
     logging_steps: int = Field(10, gt=0)
@@ -363,8 +370,11 @@ class RunConfig(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for manifests and skip-if-complete checks."""
         payload = {s: _dump(getattr(self, s)) for s in sections}
-        if "train" in payload:  # which baselines run beside a target does not change the target
-            payload["train"].pop("baselines", None)
+        if "train" in payload:
+            # Which baselines run beside a target does not change the target; the chunked loss changes
+            # it by floating-point rounding only.
+            for key in ("baselines", "chunked_loss", "loss_chunk_size"):
+                payload["train"].pop(key, None)
         return stable_hash(payload)
 
     def to_yaml(self) -> str:

@@ -164,6 +164,8 @@ def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, 
         lam_end=None if name == SFT else t.lambda_end,
         fusion_kind=t.fusion_loss,
         temperature=t.temperature,
+        chunked_loss=t.chunked_loss,
+        loss_chunk_size=t.loss_chunk_size,
     )
     trainer.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
     return trainer, {"train_sequences": len(train_idx), "eval_sequences": len(eval_idx)}

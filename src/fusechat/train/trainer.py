@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
 
-from fusechat.train.loss import fusion_loss
+from fusechat.train.chunked_loss import chunked_fusion_loss
+from fusechat.train.loss import LossParts, fusion_loss
+
+# Causal LMs whose logits are their lm-head's output on the last hidden states, soft-capped at most
+# (``final_logit_softcapping``): the chunked loss stands in for the head on these. Each is checked
+# against the plain loss in the tests.
+CHUNKED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                 "gpt2", "phi3"})
+
+
+def chunkable_head(model) -> tuple[torch.nn.Linear, float | None] | None:
+    """The lm-head of ``model`` (unwrapped from DDP; a peft model's base) and its logit soft-cap, when the
+    chunked loss can compute the logits in its place: a plain ``nn.Linear`` head of a known architecture
+    from transformers itself."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in CHUNKED_MODEL_TYPES or not hasattr(base, "get_output_embeddings"):
+        return None
+    if not type(base).__module__.startswith("transformers."):  # remote code may do anything with its logits
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # LoRA-wrapped, quantised and other heads keep the plain path
+        return None
+    return head, getattr(config, "final_logit_softcapping", None)
 
 
 class FusionTrainer(Trainer):
@@ -15,8 +39,10 @@ class FusionTrainer(Trainer):
     mixed precision, checkpoints, DDP / FSDP / DeepSpeed) is the Trainer's own."""
 
     def __init__(self, *args, lam: float, lam_end: float | None = None, fusion_kind: str = "ce",
-                 temperature: float = 1.0, **kwargs):
+                 temperature: float = 1.0, chunked_loss: bool = True, loss_chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss
+        self.loss_chunk_size = loss_chunk_size
         self.lam_start = lam
         self.lam_end = lam if lam_end is None else lam_end
         self.fusion_kind = fusion_kind
@@ -35,10 +61,25 @@ class FusionTrainer(Trainer):
         fused_ids = inputs.pop("fused_ids", None)
         fused_probs = inputs.pop("fused_probs", None)
         fusion_mask = inputs.pop("fusion_mask", None)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         lam = self.current_lambda()
-        parts = fusion_loss(outputs.logits, labels, fused_ids, fused_probs, fusion_mask, lam,
-                            self.fusion_kind, self.temperature)
+        target = self._chunked_target(model)
+        parts = None
+        if target is None:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        else:
+            head, softcap = target
+
+            def loss_from_hidden(hidden: torch.Tensor) -> LossParts:
+                return chunked_fusion_loss(hidden, head.weight, head.bias, labels, fused_ids, fused_probs,
+                                           fusion_mask, lam, self.fusion_kind, self.temperature,
+                                           self.loss_chunk_size, softcap)
+
+            with head_computes_loss(head, loss_from_hidden, labels.shape) as box:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            parts = box.get("parts")
+        if parts is None:
+            parts = fusion_loss(outputs.logits, labels, fused_ids, fused_probs, fusion_mask, lam,
+                                self.fusion_kind, self.temperature)
         split = "train" if model.training else "eval"
         metrics = self._metrics[split]
         metrics["loss_gold"].append(parts.gold.item())
@@ -46,6 +87,13 @@ class FusionTrainer(Trainer):
             metrics["loss_fusion"].append(parts.fusion.item())
         metrics["lambda"].append(lam)
         return (parts.loss, outputs) if return_outputs else parts.loss
+
+    def _chunked_target(self, model) -> tuple[torch.nn.Linear, float | None] | None:
+        """The head the chunked loss replaces for this step, or None for the plain path: switched off, or
+        under FSDP / DeepSpeed (whose head weight may be a shard), or a head it cannot stand in for."""
+        if not self.chunked_loss or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        return chunkable_head(self.accelerator.unwrap_model(model))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -60,3 +108,32 @@ class FusionTrainer(Trainer):
                 logs[f"{prefix}{name}"] = round(sum(values) / len(values), 6)
         self._metrics[split].clear()
         super().log(logs, start_time)
+
+
+@contextmanager
+def head_computes_loss(head: torch.nn.Linear, loss_from_hidden, positions: torch.Size):
+    """Within the block, ``head`` called on (B, T, H) hidden states with (B, T) == ``positions`` returns
+    ``loss_from_hidden(hidden).loss`` as (1, 1, 1) "logits" and leaves the ``LossParts`` in the yielded dict
+    under ``parts``; any other call (another shape or device) is the head's own.
+
+    The model is still called through its wrappers, so DDP sees a forward whose output depends on every
+    parameter, the head included; the caller takes the loss from the dict, not from the logits, which
+    the model may still transform (soft-capping, which the chunked loss applies itself).
+    """
+    box: dict[str, LossParts] = {}
+    own = head.__dict__.get("forward")  # an instance-level forward (accelerate hooks) stays in place
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[:2] != positions or hidden.device != head.weight.device:
+            return own(hidden) if own is not None else type(head).forward(head, hidden)
+        box["parts"] = parts = loss_from_hidden(hidden)
+        return parts.loss.view(1, 1, 1)
+
+    head.forward = forward
+    try:
+        yield box
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
