@@ -88,7 +88,7 @@ def test_paper_config_validates_with_the_papers_settings():
     assert cfg.train.weight_decay == 0
     assert cfg.train.global_batch_size == 128
     assert cfg.train.bf16 is True
-    assert (cfg.merge.method, cfg.merge.granularity, cfg.merge.variation) == ("varm", "matrix", "square")
+    assert cfg.merge.method == "varm" and cfg.merge.params == {"varm": {"granularity": "matrix", "variation": "square"}}
 
 
 def test_paper_config_round_trips_through_yaml():
@@ -443,8 +443,8 @@ def test_cli_validate_prints_resolved_yaml(tmp_path, config_lines, data_file, ca
     assert out["train"]["lambda"] == 0.9
     assert out["train"]["epochs"] == 2.0
     assert out["represent"]["top_k"] == 10
-    assert {k: out["merge"][k] for k in ("method", "granularity", "variation")} == {
-        "method": "varm", "granularity": "matrix", "variation": "square"}
+    assert {k: out["merge"][k] for k in ("method", "baselines", "params")} == {
+        "method": "varm", "baselines": [], "params": {}}
 
 
 def test_cli_validate_applies_set(tmp_path, config_lines, capsys):

@@ -46,3 +46,14 @@ def test_accelerate_configs_load(path):
 
     config = load_config_from_file(str(path))
     assert config.num_processes == 8 and config.mixed_precision == "bf16"
+
+
+def test_every_merge_method_and_parameter_is_documented():
+    import fusechat.merge  # noqa: F401  (registers every method)
+    from fusechat.merge.registry import METHODS
+
+    doc = (ROOT / "docs" / "merge.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| `")}
+    missing = [f"{m.name}.{p.name}" for m in METHODS.values() for p in m.params
+               if f"`{m.name}`" not in rows or f"`{p.name}`" not in rows[f"`{m.name}`"]]
+    assert [m for m in METHODS if f"`{m}`" not in rows] == [] and missing == []

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fusechat.config import load_config
 from fusechat.errors import FusechatError
 from fusechat.merge import run as merge_run
-from fusechat.merge.methods import sce, variation, varm_weights
+from fusechat.merge.methods import mean_variation, sce, varm_weights
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
@@ -22,7 +22,7 @@ def test_varm_weights_by_hand():
     assert varm_weights([1.0, 4.0]) == [0.2, 0.8]
     assert varm_weights([0.0, 0.0, 0.0]) == [1 / 3] * 3
     delta = torch.tensor([1.0, -3.0])
-    assert variation(delta, "square") == 5.0 and variation(delta, "abs") == 2.0
+    assert mean_variation(delta, "square") == 5.0 and mean_variation(delta, "abs") == 2.0
     assert delta.tolist() == [1.0, -3.0]
 
 
@@ -136,7 +136,7 @@ def test_varm_layer_and_model_granularity_by_hand(hand_run, monkeypatch):
     layer0 = sum(t.numel() for n, t in pivot.items() if n.startswith("model.layers.0."))
     everything = sum(t.numel() for t in pivot.values())
     for granularity, n in (("layer", layer0), ("model", everything)):
-        out = merge_run(config(granularity=granularity), force=True)[0]
+        out = merge_run(config(params={"varm": {"granularity": granularity}}), force=True)[0]
         merged = merged_state(out)
         var_a, var_b = nq * 1.0 / n, (nq * 4.0 + nk * 1.0) / n
         w_a, w_b = var_a / (var_a + var_b), var_b / (var_a + var_b)
@@ -149,7 +149,7 @@ def test_varm_layer_and_model_granularity_by_hand(hand_run, monkeypatch):
 
 def test_varm_abs_variation(hand_run):
     config, pivot = hand_run
-    out = merge_run(config(variation="abs"))[0]
+    out = merge_run(config(params={"varm": {"variation": "abs"}}))[0]
     assert json.loads((out / "merge_weights.json").read_text())["weights"][Q] == pytest.approx([1 / 3, 2 / 3], abs=1e-6)
     torch.testing.assert_close(merged_state(out)[Q], pivot[Q] + 1 / 3 + 4 / 3)
 
@@ -189,8 +189,10 @@ def trained_like(tmp_path_factory, zoo):
     cfg = {"run_dir": str(run_dir), "pivot": {"name": "pivot", "path": str(zoo["llama"])},
            "sources": [{"name": "a", "path": str(zoo["llama"])}, {"name": "b", "path": str(zoo["llama"])}],
            "data": {"paths": [str(tmp / "d.jsonl")]},
-           "merge": {"method": "varm", "baselines": ["sce", "linear", "task_arithmetic", "ties", "dare", "slerp"],
-                     "density": 0.5, "sce_select_fraction": 0.1}}
+           "merge": {"method": "varm", "baselines": ["sce", "linear", "task_arithmetic", "ties", "dare", "slerp",
+                                                     "karcher", "model_stock", "ram", "breadcrumbs_ties"],
+                     "params": {"ties": {"density": 0.5}, "dare": {"density": 0.5}, "sce": {"select_fraction": 0.1},
+                                "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05}}}}
     (tmp / "d.jsonl").write_text("")
     (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
     outs = merge_run(load_config(tmp / "c.yaml"), analyze=True)
@@ -209,6 +211,14 @@ MERGEKIT = {
                               "parameters": {"t": 0.5}},
     "sce": lambda p, a, b: {"merge_method": "sce", "base_model": p, "models": [{"model": a}, {"model": b}],
                             "parameters": {"select_topk": 0.1}},
+    # methods registered from mergekit's own specs, under its names
+    "karcher": lambda p, a, b: {"merge_method": "karcher", "models": [{"model": a}, {"model": b}]},
+    "model_stock": lambda p, a, b: {"merge_method": "model_stock", "base_model": p,
+                                    "models": [{"model": a}, {"model": b}]},
+    "ram": lambda p, a, b: {"merge_method": "ram", "base_model": p, "models": [{"model": a}, {"model": b}]},
+    "breadcrumbs_ties": lambda p, a, b: {"merge_method": "breadcrumbs_ties", "base_model": p, "models": [
+        {"model": a, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}},
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}}]},
 }
 
 
@@ -327,3 +337,74 @@ def test_missing_target_is_an_error(tmp_path, zoo):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(FusechatError, match=r"no complete target; run `fusechat train CONFIG --source a`"):
         merge_run(load_config(tmp_path / "c.yaml"))
+
+
+# ------------------------------------------------------------------ the method registry
+
+
+def test_registry_holds_fusechats_methods_and_every_mergekit_method():
+    from mergekit.merge_methods import registered_methods
+
+    from fusechat.merge.registry import METHODS
+
+    assert METHODS["varm"].implementation == "fusechat" and METHODS["sce"].implementation == "fusechat"
+    shipped = {m.spec.name for m in registered_methods()} - {"sce", "passthrough"}
+    assert shipped <= set(METHODS)
+    assert {"linear", "task_arithmetic", "ties", "dare", "slerp"} <= set(METHODS)
+    assert all(m.paper is None or m.paper.startswith("http") for m in METHODS.values())
+
+
+def test_a_registered_function_must_match_its_declared_parameters():
+    from fusechat.merge.registry import Param, merge_method
+
+    with pytest.raises(TypeError, match="keyword parameters \\['alpha'\\] differ from the declared \\['beta'\\]"):
+        @merge_method("broken-a", "Broken", None, params=(Param("beta", 1.0),))
+        def broken_a(pivot, targets, *, alpha=1.0):
+            pass
+    with pytest.raises(TypeError, match="parameter 'beta' defaults to 2.0, the registry says 1.0"):
+        @merge_method("broken-b", "Broken", None, params=(Param("beta", 1.0),))
+        def broken_b(pivot, targets, *, beta=2.0):
+            pass
+    with pytest.raises(TypeError, match="takes \\(pivot, targets, \\*, params...\\)"):
+        @merge_method("broken-c", "Broken", None)
+        def broken_c(tensors):
+            pass
+
+
+def test_settings_check_only_the_chosen_methods_parameters():
+    from fusechat.merge.registry import check_merge_settings, merge_method_named
+
+    ties = merge_method_named("ties")
+    assert ties.settings({"density": 0.7}, 2) == {"weights": None, "density": 0.7, "scale": 1.0}
+    assert ties.problems({"densty": 0.7, "weights": [1.0]}, 2) == [
+        "merge.params.ties.densty: unknown parameter (did you mean 'density'?)",
+        "merge.params.ties.weights has 1 values for 2 targets"]
+    nearswap = merge_method_named("nearswap")
+    assert nearswap.problems({}, 2) == [f"merge.params.nearswap.t is required ({nearswap.params[0].help or 'no default'})",
+                                        "merge method 'nearswap' merges exactly 1 targets, this run has 2"]
+    assert merge_method_named("varm").problems({"granularity": "row"}, 3) == [
+        "merge.params.varm.granularity must be one of matrix, layer, model, got 'row'"]
+    # parameters of a method the run does not use are reported, not silently ignored
+    assert check_merge_settings(["varm", "ties"], {"ties": {"density": 0.3}, "dare": {"density": 0.3}}) == [
+        "merge.params.dare: 'dare' is neither merge.method nor one of merge.baselines"]
+    assert check_merge_settings(["varn"], {}) == [
+        "merge: unknown merge method 'varn' (did you mean 'varm'?); methods: " + ", ".join(
+            __import__("fusechat.merge.registry", fromlist=["METHODS"]).METHODS)]
+
+
+def test_a_config_with_a_bad_merge_method_or_parameter_is_refused_at_load(tmp_path):
+    from fusechat.errors import ConfigError
+    from fusechat.pipeline import load_run
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "path": str(tmp_path)},
+           "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"paths": [str(data)]},
+           "merge": {"method": "ties", "params": {"ties": {"dnsity": 0.5}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="merge.params.ties.dnsity: unknown parameter \\(did you mean 'density'\\?\\)"):
+        load_run(tmp_path / "c.yaml")
+    cfg["merge"] = {"method": "varm", "granularity": "layer"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="merge.granularity: now merge.params.varm.granularity"):
+        load_run(tmp_path / "c.yaml")

@@ -241,25 +241,35 @@ class TrainConfig(Section):
     )
 
 
-MergeMethod = Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
-
-
 class MergeConfig(Section):
-    method: MergeMethod = Field("varm", description="The merge whose result is the run's fused model.")
-    baselines: list[MergeMethod] = Field(default_factory=list, description="Other merges written beside it.")
-    targets: list[str] | None = Field(None, description="Targets to merge (default: one per source).")
-    granularity: Literal["matrix", "layer", "model"] = "matrix"
-    variation: Literal["square", "abs"] = "square"
-    sce_select_fraction: float = Field(0.1, gt=0.0, le=1.0, description="SCE: share of elements selected.")
-    sce_select: Literal["mask", "weights"] = Field(
-        "mask", description="SCE: the selection masks the deltas (mergekit) or only sets the weights (FuseChat-2.0 code)."
+    method: str = Field("varm", description="The merge whose result is the run's fused model (docs/merge.md lists "
+                                            "every method and its parameters).")
+    baselines: list[str] = Field(default_factory=list, description="Other merges written beside it.")
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per method, its parameters, e.g. {ties: {density: 0.7}}; "
+                                          "unset parameters take the method's defaults."
     )
-    weights: list[float] | None = Field(None, description="Per-target weights for linear, TA, TIES, DARE (equal).")
-    density: float = Field(0.5, gt=0.0, le=1.0, description="TIES / DARE: share of each delta kept.")
-    ta_scale: float = Field(1.0, gt=0.0, description="Task arithmetic, TIES, DARE: scale of the merged delta.")
-    slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="SLERP: position between the two targets.")
-    seed: int = Field(0, description="DARE's random drops.")
+    targets: list[str] | None = Field(None, description="Targets to merge (default: one per source).")
+    seed: int = Field(0, description="Seed of the random methods (DARE's drops), per tensor.")
     max_shard_size_mb: float = Field(5000, gt=0, description="Largest output safetensors shard, in MiB.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"merge.{k}: now merge.params.{m}.{n}" for k, (m, n) in MOVED_MERGE_KEYS.items() if k in data]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return data
+
+
+# Keys of the flat merge section of fusechat 0.1 and where they live now.
+MOVED_MERGE_KEYS = {
+    "granularity": ("varm", "granularity"), "variation": ("varm", "variation"),
+    "sce_select_fraction": ("sce", "select_fraction"), "sce_select": ("sce", "select"),
+    "weights": ("<method>", "weights"), "density": ("<method>", "density"), "ta_scale": ("<method>", "scale"),
+    "slerp_t": ("slerp", "t"),
+}
 
 
 class MtBenchConfig(Section):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RunConfig, load_config
 from fusechat.errors import ConfigError
+from fusechat.merge.registry import check_merge_settings
 from fusechat.model_sources import (
     ensure_converted,
     is_converted,
@@ -40,13 +41,20 @@ STAGE_MODULES = {
 def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
     """The run config at ``path``: valid, every model given its folder, and (``runnable``) nothing missing."""
     cfg = load_config(path, overrides)
-    problems = synthetic_problems(cfg)
+    problems = synthetic_problems(cfg) + merge_problems(cfg)
     if problems:
         raise ConfigError(str(path), problems)
     resolve_paths(cfg)
     if runnable:
         require_runnable(cfg, source=str(path))
     return cfg
+
+
+def merge_problems(cfg: RunConfig) -> list[str]:
+    """The merge methods and parameters the config names, checked against the method registry (the number
+    of targets is the merge stage's to check: a run may stop before it)."""
+    m = cfg.merge
+    return check_merge_settings(list(dict.fromkeys([m.method, *m.baselines])), m.params)
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fusechat.config import RunConfig
 from fusechat.merge.methods import varm_weights
+from fusechat.merge.registry import merge_method_named
 from fusechat.merge.tensors_io import layer_key, module_type
 from fusechat.progress import console
 from fusechat.rundir import RunDir, atomic_write_json
@@ -14,7 +15,7 @@ from fusechat.rundir import RunDir, atomic_write_json
 def write_analysis(cfg: RunConfig, inputs) -> Path:
     out = RunDir(cfg.run_dir).stage("merge", "analysis")
     out.mkdir(parents=True, exist_ok=True)
-    kind = cfg.merge.variation
+    kind = merge_method_named("varm").settings(cfg.merge.params.get("varm") or {}, len(inputs.targets))["variation"]
     per_matrix: dict[str, dict] = {}
     layer_sums: dict[str, list[float]] = {}
     layer_counts: dict[str, int] = {}

@@ -1,21 +1,16 @@
-"""Merge methods as functions of tensors: one output tensor from the pivot's and the targets'.
+"""fusechat's own merge methods as functions of tensors: VaRM (FuseChat) and SCE (FuseChat-2.0).
 
-VaRM (FuseChat) and SCE (FuseChat-2.0) are written here; linear, task arithmetic,
-TIES, DARE and SLERP are mergekit's own implementations, called through its
-tensor API (``mergekit.merge_methods.merge_tensors``).
+Every other method is mergekit's code (``fusechat.merge.mergekit_methods``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-VARIATIONS = ("square", "abs")
+from fusechat.merge.registry import Merged, Param, merge_method
 
 
-def variation(delta: torch.Tensor, kind: str = "square") -> float:
+def mean_variation(delta: torch.Tensor, kind: str = "square") -> float:
     """Mean squared (or absolute) change of one tensor: the VaRM statistic."""
     d = delta.float()
     if d.data_ptr() == delta.data_ptr():
@@ -80,47 +75,34 @@ def _variance_topk_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask.reshape(var.shape)
 
 
-# ---------------------------------------------------------------- mergekit baselines
+# ---------------------------------------------------------------- registered
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """A mergekit method and how fusechat calls it."""
-
-    mergekit_name: str
-    uses_base: bool
-    paper: str
-
-
-BASELINES = {
-    "linear": Baseline("linear", False, "https://arxiv.org/abs/2203.05482"),
-    "task_arithmetic": Baseline("task_arithmetic", True, "https://arxiv.org/abs/2212.04089"),
-    "ties": Baseline("ties", True, "https://arxiv.org/abs/2306.01708"),
-    "dare": Baseline("dare_linear", True, "https://arxiv.org/abs/2311.03099"),
-    "slerp": Baseline("slerp", False, "https://arxiv.org/abs/2403.13257"),
-}
-
-
-def mergekit_merge(method: str, pivot: torch.Tensor, targets: list[torch.Tensor], weights: list[float],
-                   density: float, ta_scale: float, slerp_t: float) -> torch.Tensor:
-    """One tensor merged by mergekit's implementation of ``method``."""
-    from mergekit.merge_methods import merge_tensors
-
-    spec = BASELINES[method]
-    n = len(targets)
-    if method == "linear":
-        return merge_tensors(targets, "linear", parameters={"weight": weights, "normalize": True})
-    if method == "slerp":
-        if n == 2:
-            return merge_tensors(targets, "slerp", parameters={"t": slerp_t}, base_index=0)
-        # More than two: mergekit's spherical average of several models.
-        return merge_tensors(targets, "multislerp", parameters={"weight": weights})
-    ids = list(range(n + 1))
-    params = {"weight": {i + 1: weights[i] for i in range(n)}, "lambda": ta_scale}
-    if method in ("ties", "dare"):
-        params["density"] = {i + 1: density for i in range(n)}
-    return merge_tensors([pivot, *targets], spec.mergekit_name, parameters=params, ids=ids, base_index=0)
+@merge_method(
+    "varm", "VaRM (FuseChat)", "https://arxiv.org/abs/2402.16107",
+    params=(
+        Param("granularity", "matrix", "one weight set per matrix, per layer, or for the whole model",
+              choices=("matrix", "layer", "model")),
+        Param("variation", "square", "the statistic of the deltas: mean square (the paper) or mean absolute value",
+              choices=("square", "abs")),
+    ),
+    min_targets=2, delta_weighted=True,
+)
+def varm(pivot: torch.Tensor, targets: list[torch.Tensor], *, granularity: str = "matrix",
+         variation: str = "square") -> Merged:
+    """One matrix merged with its own VaRM weights (the stage pools the statistic per layer or model itself)."""
+    weights = varm_weights([mean_variation(t.float() - pivot.float(), variation) for t in targets])
+    return Merged(weighted_sum(targets, weights, pivot.dtype), weights)
 
 
-MethodFn = Callable[..., torch.Tensor]
-ALL_METHODS = ("varm", "sce", *BASELINES)
+@merge_method(
+    "sce", "SCE (FuseChat-2.0)", "https://arxiv.org/abs/2408.07990",
+    params=(
+        Param("select_fraction", 0.1, "share of the elements whose deltas vary most across the targets"),
+        Param("select", "mask", "the selection masks the deltas (mergekit) or only sets the weights "
+                                "(FuseChat-2.0 code)", choices=("mask", "weights")),
+    ),
+)
+def sce_method(pivot: torch.Tensor, targets: list[torch.Tensor], *, select_fraction: float = 0.1,
+               select: str = "mask") -> Merged:
+    return Merged(*sce(pivot, targets, select_fraction, select))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -20,26 +19,18 @@ import torch
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.merge.analysis import write_analysis
-from fusechat.merge.methods import (
-    BASELINES,
-    mergekit_merge,
-    sce,
-    variation,
-    varm_weights,
-    weighted_sum,
-)
+from fusechat.merge.methods import mean_variation, varm_weights, weighted_sum
+from fusechat.merge.registry import MergeMethod, merge_method_named
 from fusechat.merge.tensors_io import DTYPES, ModelReader, StreamingWriter, layer_key
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
     RunDir,
-    atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    build_output,
     inputs_fingerprint,
     is_complete,
-    new_manifest,
     read_manifest,
-    write_manifest,
 )
 
 CHUNK_ELEMENTS = 1 << 20  # VaRM reads tensors larger than this (4 MiB in fp32) a block of rows at a time
@@ -115,7 +106,7 @@ class Inputs:
         sums, numel = None, 0
         for pivot, targets in self.blocks(name):
             n = pivot.numel()
-            stats = [variation(t.float() - pivot.float(), kind) * n for t in targets]
+            stats = [mean_variation(t.float() - pivot.float(), kind) * n for t in targets]
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
             numel += n
         return [s / max(numel, 1) for s in sums], numel
@@ -156,96 +147,79 @@ def group_weights(inputs: Inputs, kind: str, granularity: str) -> dict[str, list
     return {g: varm_weights([s / counts[g] for s in v]) for g, v in sums.items()}
 
 
-def merge_tensor(cfg: RunConfig, method: str, pivot: torch.Tensor,
-                 targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[float] | None]:
-    """SCE and the mergekit baselines, which need a whole tensor at once."""
-    m = cfg.merge
-    if method == "sce":
-        return sce(pivot, targets, m.sce_select_fraction, m.sce_select)
-    weights = m.weights or [1.0 / len(targets)] * len(targets)
-    if len(weights) != len(targets):
-        raise FusechatError(f"merge.weights has {len(weights)} values for {len(targets)} targets")
-    out = mergekit_merge(method, pivot, targets, weights, m.density, m.ta_scale, m.slerp_t)
-    return out.to(pivot.dtype), None
-
-
-def merge_one(cfg: RunConfig, inputs: Inputs, method: str, force: bool = False) -> Path:
-
-    out = RunDir(cfg.run_dir).stage("merge", method)
-    payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": method,
-               "merge": cfg.section_hash("merge")}
+def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) -> Path:
+    try:
+        method = merge_method_named(name)
+        settings = method.settings(cfg.merge.params.get(name) or {}, len(inputs.targets))
+    except ValueError as e:
+        raise FusechatError(str(e)) from None
+    out = RunDir(cfg.run_dir).stage("merge", name)
+    payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": name, "settings": settings,
+               "seed": cfg.merge.seed}
     fingerprint = inputs_fingerprint(payload)
-    if is_complete(out, fingerprint, force, label=f"merge {method}"):
+    if is_complete(out, fingerprint, force, label=f"merge {name}"):
         return out
 
-    started = time.time()
-    names = inputs.pivot.names
+    tensor_names = inputs.pivot.names
     groups = None
-    if method == "varm" and cfg.merge.granularity != "matrix":
-        groups = group_weights(inputs, cfg.merge.variation, cfg.merge.granularity)
-    plan = [(n, _dtype(inputs.pivot.tensors[n].dtype), inputs.pivot.tensors[n].shape) for n in names]
+    if method.delta_weighted and settings["granularity"] != "matrix":
+        groups = group_weights(inputs, settings["variation"], settings["granularity"])
+    plan = [(n, DTYPES[inputs.pivot.tensors[n].dtype], inputs.pivot.tensors[n].shape) for n in tensor_names]
     used_weights: dict[str, list[float]] = {}
     moved = [False] * len(inputs.targets)
-    with atomic_dir(out) as tmp, progress_bar() as bar:
-        writer = StreamingWriter(tmp, plan, int(cfg.merge.max_shard_size_mb * 2**20),
-                                 metadata={"fusechat_merge": method})
-        task = bar.add_task(f"merge {method}", total=len(names))
-        for i, name in enumerate(names):
-            if method == "varm" and _is_float(inputs.pivot.tensors[name].dtype):
+    with build_output(out, "merge", fingerprint, method=name, pivot=cfg.pivot.path, targets=inputs.names,
+                      settings=settings, seed=cfg.merge.seed) as building, progress_bar() as bar:
+        writer = StreamingWriter(building.folder, plan, int(cfg.merge.max_shard_size_mb * 2**20),
+                                 metadata={"fusechat_merge": name})
+        task = bar.add_task(f"merge {name}", total=len(tensor_names))
+        for i, tensor in enumerate(tensor_names):
+            if method.delta_weighted and _is_float(inputs.pivot.tensors[tensor].dtype):
                 # Elementwise given the weights: stream it a block of rows at a time.
                 if groups is not None:
-                    weights = groups["model" if cfg.merge.granularity == "model" else layer_key(name)]
+                    weights = groups["model" if settings["granularity"] == "model" else layer_key(tensor)]
                 else:
-                    means, _ = inputs.variations(name, cfg.merge.variation)
+                    means, _ = inputs.variations(tensor, settings["variation"])
                     weights = varm_weights(means)
-                for pivot, targets in inputs.blocks(name):
+                for pivot, targets in inputs.blocks(tensor):
                     for j, t in enumerate(targets):
                         moved[j] = moved[j] or not torch.equal(t, pivot)
-                    writer.write(name, weighted_sum(targets, weights, pivot.dtype), part=True)
-                used_weights[name] = [round(w, 6) for w in weights]
+                    writer.write(tensor, weighted_sum(targets, weights, pivot.dtype), part=True)
+                used_weights[tensor] = [round(w, 6) for w in weights]
                 bar.advance(task)
                 continue
-            pivot, targets = inputs.tensors(name)
+            pivot, targets = inputs.tensors(tensor)
             if not pivot.is_floating_point():
                 if any(not torch.equal(pivot, t) for t in targets):
-                    raise FusechatError(f"tensor {name} is not floating point and differs between the models")
+                    raise FusechatError(f"tensor {tensor} is not floating point and differs between the models")
                 merged = pivot
             else:
                 for j, t in enumerate(targets):
                     moved[j] = moved[j] or not torch.equal(t, pivot)
-                torch.manual_seed(cfg.merge.seed + i)  # DARE's drops: reproducible per tensor
-                merged, weights = merge_tensor(cfg, method, pivot, targets)
-                if weights is not None:
-                    used_weights[name] = [round(w, 6) for w in weights]
-            writer.write(name, merged)
+                torch.manual_seed(cfg.merge.seed + i)  # random methods (DARE's drops): reproducible per tensor
+                result = method.merge(pivot, targets, **settings)
+                merged = result.tensor.to(pivot.dtype)
+                if result.weights is not None:
+                    used_weights[tensor] = [round(w, 6) for w in result.weights]
+            writer.write(tensor, merged)
             del pivot, targets, merged
             bar.advance(task)
         writer.close()
-        _copy_model_files(inputs.target_dirs[0], tmp)
+        _copy_model_files(inputs.target_dirs[0], building.folder)
         warnings = [f"target {n!r} equals the pivot: it adds nothing to the merge"
                     for n, m in zip(inputs.names, moved) if not m]
         for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
         if used_weights:
-            atomic_write_json(tmp / "merge_weights.json", {"targets": inputs.names, "weights": used_weights})
+            atomic_write_json(building.folder / "merge_weights.json", {"targets": inputs.names, "weights": used_weights})
         summary = _weight_summary(used_weights, inputs.names)
-        atomic_write_text(tmp / "README.md", model_card(cfg, method, inputs, summary))
-        manifest = new_manifest("merge", fingerprint, method=method, pivot=cfg.pivot.path, targets=inputs.names,
-                                settings=cfg.merge.model_dump(mode="json"), weights_summary=summary,
-                                warnings=warnings, output_files=writer.files, elapsed_s=round(time.time() - started, 3))
-        manifest["complete"] = True
-        write_manifest(tmp, manifest)
-    console.print(f"merge {method}: {out}" + (f" (mean weights {summary['mean']})" if summary else ""))
+        atomic_write_text(building.folder / "README.md", model_card(cfg, method, settings, inputs, summary))
+        building.manifest.update(weights_summary=summary, warnings=warnings, output_files=writer.files)
+    console.print(f"merge {name}: {out}" + (f" (mean weights {summary['mean']})" if summary else ""))
     return out
 
 
 def _is_float(dtype_name: str) -> bool:
     return dtype_name in ("F64", "F32", "F16", "BF16")
-
-
-def _dtype(name: str) -> torch.dtype:
-
-    return DTYPES[name]
 
 
 def _copy_model_files(source: Path, dest: Path) -> None:
@@ -266,22 +240,17 @@ def _weight_summary(weights: dict[str, list[float]], names: list[str]) -> dict:
     }
 
 
-def model_card(cfg: RunConfig, method: str, inputs: Inputs, summary: dict) -> str:
-    m = cfg.merge
-    if method == "varm":
-        how = f"VaRM (FuseChat, arXiv 2402.16107), {m.granularity} granularity, {m.variation} variation"
-    elif method == "sce":
-        how = f"SCE (FuseChat-2.0, arXiv 2408.07990), select {m.sce_select_fraction} ({m.sce_select})"
-    else:
-        how = f"{method} (mergekit's implementation, {BASELINES[method].paper})"
+def model_card(cfg: RunConfig, method: MergeMethod, settings: dict, inputs: Inputs, summary: dict) -> str:
+    code = "fusechat's implementation" if method.implementation == "fusechat" else "mergekit's implementation"
+    how = f"{method.title} ({code}{', ' + method.paper if method.paper else ''})"
     rows = "\n".join(f"| {n} | `{d}` | {summary.get('mean', {}).get(n, '-')} | {summary.get('min', {}).get(n, '-')} | "
                      f"{summary.get('max', {}).get(n, '-')} |" for n, d in zip(inputs.names, inputs.target_dirs))
     return f"""---
 library_name: transformers
-tags: [fusechat, merge, {method}]
+tags: [fusechat, merge, {method.name}]
 base_model: {cfg.pivot.path}
 ---
-# FuseChat merge: {method}
+# FuseChat merge: {method.name}
 
 Merged by fusechat with {how}.
 
@@ -291,5 +260,6 @@ Pivot: `{cfg.pivot.path}`.
 |---|---|---|---|---|
 {rows}
 
-Per-tensor weights: `merge_weights.json` (VaRM and SCE). Settings: {json.dumps(m.model_dump(mode="json"))}.
+Per-tensor weights: `merge_weights.json` (for methods with per-target weights, such as VaRM and SCE).
+Settings: {json.dumps(settings)}.
 """
