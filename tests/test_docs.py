@@ -57,3 +57,24 @@ def test_every_merge_method_and_parameter_is_documented():
     missing = [f"{m.name}.{p.name}" for m in METHODS.values() for p in m.params
                if f"`{m.name}`" not in rows or f"`{p.name}`" not in rows[f"`{m.name}`"]]
     assert [m for m in METHODS if f"`{m}`" not in rows] == [] and missing == []
+
+
+def test_architecture_map_names_real_files_and_every_module():
+    import re
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    src = ROOT / "src" / "fusechat"
+    named = set()
+    for cell in re.findall(r"`([\w/{},.]+(?:\.py|/))`", doc):
+        if cell.startswith(("tests/", "docs/", "configs/")):
+            continue
+        folder, _, rest = cell.rpartition("/") if "/" in cell.rstrip("/") else ("", "", cell)
+        for name in re.sub(r"[{}]", "", rest).split(","):
+            path = f"{folder}/{name}" if folder else name
+            path = path if path.endswith(("/", ".py")) else f"{path}.py"
+            assert (src / path).exists(), f"docs/architecture.md names {path}, which does not exist"
+            named.add(path.rstrip("/"))
+    modules = {p.relative_to(src).as_posix() for p in src.glob("*.py") if p.name != "__init__.py"}
+    packages = {p.name for p in src.iterdir() if (p / "__init__.py").is_file()}
+    named |= {n.split("/")[0] for n in named if "/" in n}  # a package is named by its files
+    assert sorted((modules | packages) - named - {"__main__.py"}) == []

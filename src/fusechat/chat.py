@@ -17,8 +17,9 @@ from fusechat.models import (
     load_tokenizer,
     row_spec,
 )
+from fusechat.progress import console
 
-__all__ = ["FALLBACK_TEMPLATE", "ChatSession", "load_session", "repl"]
+__all__ = ["FALLBACK_TEMPLATE", "ChatSession", "chat", "load_session", "repl"]
 USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
 DEVICES = ("auto", "cpu", "cuda")
@@ -145,6 +146,24 @@ def load_session(path: str, device: str = "auto", dtype: str | None = None, **se
     tokenizer = load_tokenizer(spec)
     model = load_causal_lm(spec, dtype=dtype or ("fp32" if device_map == "cpu" else "bf16"), device_map=device_map)
     return ChatSession(model, tokenizer, **session_options)
+
+
+def chat(path: str, message: str | None = None, device: str = "auto", dtype: str | None = None,
+         **session_options) -> None:
+    """``fusechat chat``: answer ``message`` and exit, or talk until /exit."""
+    from rich.markup import escape
+
+    session = load_session(path, device=device, dtype=dtype, **session_options)
+    if session.uses_fallback_template:
+        console.print(f"the tokenizer has no chat template; using the built-in {FALLBACK_TEMPLATE!r} template")
+    if message is not None:
+        session.reply(message, stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+    console.print(
+        f"chatting with {escape(path)}; /reset clears the conversation, /exit or Ctrl-D ends it", soft_wrap=True
+    )
+    repl(session)
 
 
 def repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:

@@ -1,7 +1,8 @@
 """The ``fusechat`` command: one subcommand per stage, each taking the run config.
 
-Commands only parse arguments and call a stage's ``run``; heavy libraries are
-imported inside the stages so that ``fusechat --help`` answers at once.
+Commands only parse arguments and call one importable function. Each command imports
+what it calls inside its own body, on purpose: the pipeline pulls in torch,
+transformers and mergekit, and ``fusechat --help`` must answer at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Annotated, Optional
 import typer
 
 from fusechat import __version__
+from fusechat.config import eval_settings
 from fusechat.errors import FusechatError
+from fusechat.progress import console
 
 app = typer.Typer(
     name="fusechat",
@@ -51,13 +54,13 @@ def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
     _stage("prepare", _load(config, set_), force)
 
 
+ModelOpt = Annotated[Optional[str], typer.Option(help="Run one model of the run only.")]
+SourceOpt = Annotated[Optional[str], typer.Option(help="Train the target of one source only.")]
+AnalyzeOpt = Annotated[bool, typer.Option(help="Also write per-matrix weights and a heatmap.")]
+
+
 @app.command()
-def represent(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    model: Annotated[Optional[str], typer.Option(help="Run one model of the run only.")] = None,
-) -> None:
+def represent(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, model: ModelOpt = None) -> None:
     """Record every model's top-k next-token logits and per-sequence cross-entropy."""
     _stage("represent", _load(config, set_), force, model=model)
 
@@ -75,24 +78,14 @@ def fuse(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> Non
 
 
 @app.command()
-def train(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    source: Annotated[Optional[str], typer.Option(help="Train the target of one source only.")] = None,
-) -> None:
+def train(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, source: SourceOpt = None) -> None:
     """Train one target per source from the pivot on the fused distributions."""
     _stage("train", _load(config, set_), force, source=source)
 
 
 @app.command()
-def merge(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    analyze: Annotated[bool, typer.Option(help="Also write per-matrix weights and a heatmap.")] = False,
-) -> None:
-    """Merge the targets in parameter space (VaRM, SCE, linear, TA, TIES, DARE, SLERP)."""
+def merge(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, analyze: AnalyzeOpt = False) -> None:
+    """Merge the targets in parameter space (VaRM, SCE, mergekit's methods: docs/merge.md)."""
     _stage("merge", _load(config, set_), force, analyze=analyze)
 
 
@@ -143,8 +136,6 @@ def eval_(
     configs = [p for p in positional if p.endswith((".yaml", ".yml"))]
     if configs:
         raise FusechatError(f"give either a run CONFIG ({configs[0]}) or --models, not both")
-    from fusechat.config import eval_settings
-
     settings = eval_settings(set_ or [])
     _set_judge(settings, judge, judge_endpoint, benchmark)
     evaluate_folders([*models, *positional], out or Path("fusechat-eval"), settings, data, benchmark, force)
@@ -181,18 +172,9 @@ def run(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a run config, print it with every default filled in, and say what a run still needs."""
-    from fusechat.pipeline import load_run, run_problems
-    from fusechat.progress import console
+    from fusechat.pipeline import validate_run
 
-    cfg = load_run(config, set_ or [], runnable=False)
-    typer.echo(cfg.to_yaml(), nl=False)
-    problems = run_problems(cfg)
-    console.print(f"{config}: valid config.", soft_wrap=True, markup=False)
-    if problems:
-        console.print("To run it, this machine still needs:\n" + "\n".join(f"  - {p}" for p in problems),
-                      soft_wrap=True, markup=False)
-    else:
-        console.print("Everything it names is here: ready to run.")
+    validate_run(config, set_ or [])
 
 
 @app.command()
@@ -239,24 +221,10 @@ def chat(
     ] = None,
 ) -> None:
     """Talk with a model through its chat template (/reset clears the conversation, /exit ends it)."""
-    from rich.markup import escape
+    from fusechat.chat import chat as run_chat
 
-    from fusechat.chat import FALLBACK_TEMPLATE, load_session, repl
-    from fusechat.progress import console
-
-    session = load_session(
-        model, device=device, dtype=dtype, system=system, max_new_tokens=max_new_tokens, temperature=temperature
-    )
-    if session.uses_fallback_template:
-        console.print(f"the tokenizer has no chat template; using the built-in {FALLBACK_TEMPLATE!r} template")
-    if message is not None:
-        session.reply(message, stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-        sys.stdout.write("\n")
-        return
-    console.print(
-        f"chatting with {escape(model)}; /reset clears the conversation, /exit or Ctrl-D ends it", soft_wrap=True
-    )
-    repl(session)
+    run_chat(model, message, device=device, dtype=dtype, system=system, max_new_tokens=max_new_tokens,
+             temperature=temperature)
 
 
 def _version(value: bool) -> None:
@@ -290,7 +258,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print as one clear message, never as a traceback."""
     from rich.markup import escape
 
-    from fusechat.progress import console
 
     try:
         app(args=argv, standalone_mode=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 
 from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RunConfig, load_config
@@ -96,6 +97,21 @@ def require_runnable(cfg: RunConfig, source: str = "config") -> RunConfig:
     problems = run_problems(cfg)
     if problems:
         raise ConfigError(source, problems, headline="not ready to run")
+    return cfg
+
+
+def validate_run(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """``fusechat validate``: the config with every default on stdout; on the console, that it is valid and,
+    apart, what this machine still lacks to run it."""
+    cfg = load_run(path, overrides, runnable=False)
+    sys.stdout.write(cfg.to_yaml())
+    problems = run_problems(cfg)
+    console.print(f"{path}: valid config.", soft_wrap=True, markup=False)
+    if problems:
+        console.print("To run it, this machine still needs:\n" + "\n".join(f"  - {p}" for p in problems),
+                      soft_wrap=True, markup=False)
+    else:
+        console.print("Everything it names is here: ready to run.")
     return cfg
 
 

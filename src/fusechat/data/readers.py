@@ -114,3 +114,14 @@ def _iter_hub_dataset(name: str, split: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{name}: cannot load this dataset from the hub: {e}") from None
     for i, row in enumerate(ds):
         yield f"{name}[{i}]", row
+
+
+def json_object(line: str, what: str = "a JSON object") -> dict:
+    """One JSONL line as a dict; ValueError with the reason (column, or the type found) otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(record, dict):
+        return record
+    raise ValueError(f"expected {what}, got {type(record).__name__}")

@@ -16,10 +16,10 @@ true distribution.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusechat.data.readers import json_object
 from fusechat.errors import DataError
 
 KINDS = ("exact", "distribution")
@@ -68,11 +68,9 @@ def load_items(path: str | Path) -> list[EvalItem]:
 
 def parse_item(line: str) -> EvalItem:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise _Bad(f"expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}")
+        record = json_object(line, f"a JSON object with {', '.join(FIELDS)}")
+    except ValueError as e:
+        raise _Bad(str(e)) from None
     missing = [k for k in FIELDS if k not in record]
     if missing:
         raise _Bad(f"field {missing[0]!r} is missing (an item needs {', '.join(FIELDS)})")

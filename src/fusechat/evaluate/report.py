@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fusechat.evaluate.pipeline import format_pipeline
+from fusechat.evaluate.pipeline_report import format_pipeline
 from fusechat.rundir import atomic_write_json, atomic_write_text
 
 # metric key -> (heading, which way is better, digits shown)

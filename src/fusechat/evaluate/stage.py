@@ -19,7 +19,7 @@ from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.items import EvalItem, entropy_floors, load_items, skills_of
 from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
 from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
-from fusechat.evaluate.pipeline import pipeline_summary
+from fusechat.evaluate.pipeline_report import pipeline_summary
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.evaluate.rows import Row, folder_rows, model_rows
 from fusechat.models import with_model

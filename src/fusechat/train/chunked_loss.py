@@ -28,20 +28,10 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(16, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
-def chunked_fusion_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    fused_ids: torch.Tensor | None,
-    fused_probs: torch.Tensor | None,
-    fusion_mask: torch.Tensor | None,
-    lam: float,
-    kind: str = "ce",
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    softcap: float | None = None,
-) -> LossParts:
+def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                        fused_ids: torch.Tensor | None, fused_probs: torch.Tensor | None,
+                        fusion_mask: torch.Tensor | None, lam: float, kind: str = "ce", temperature: float = 1.0,
+                        chunk_size: int | None = None, softcap: float | None = None) -> LossParts:
     """``fusion_loss(hidden @ weight.T + bias, ...)`` without the full logits; the same ``LossParts``.
 
     hidden: (B, T, H), the last hidden states (after the final norm); weight: (V, H), the

@@ -104,23 +104,28 @@ class Convert(Skill):
         return f"{int(n) * factor} {dst}"
 
 
-class Capitalise(Skill):
+class PhraseSkill(Skill):
+    """A phrase of a few short invented words in; the same phrase, transformed, out."""
+
+    max_words: int
+    prompts: tuple[str, ...]
+
     def key(self, rng):
-        return " ".join(_word(rng, 1, 2) for _ in range(rng.randint(2, 3)))
+        return " ".join(_word(rng, 1, 2) for _ in range(rng.randint(2, self.max_words)))
 
     def prompt(self, key, rng):
-        return rng.choice(["Capitalise: {p}", "Title case this: {p}"]).format(p=key)
+        return rng.choice(self.prompts).format(p=key)
+
+
+class Capitalise(PhraseSkill):
+    max_words, prompts = 3, ("Capitalise: {p}", "Title case this: {p}")
 
     def answer(self, key, rng):
         return " ".join(w.capitalize() for w in key.split())
 
 
-class Repeat(Skill):
-    def key(self, rng):
-        return " ".join(_word(rng, 1, 2) for _ in range(rng.randint(2, 4)))
-
-    def prompt(self, key, rng):
-        return rng.choice(["Repeat after me: {p}", "Say exactly this: {p}"]).format(p=key)
+class Repeat(PhraseSkill):
+    max_words, prompts = 4, ("Repeat after me: {p}", "Say exactly this: {p}")
 
     def answer(self, key, rng):
         return key

