@@ -77,7 +77,7 @@ def run_problems(cfg: RunConfig) -> list[str]:
         elif m.zoo is not None:
             problem, field = zoo_problem(m.zoo), "zoo"
         else:
-            problem, field = model_path_problem(m.path), "path"
+            problem, field = model_path_problem(m.path, m.hub), "path"
         if problem:
             problems.append(f"{where}.{field}: {problem}")
     return problems
