@@ -39,10 +39,9 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 def _stage(name: str, cfg, force: bool = False, **options) -> None:
-    from fusechat.pipeline import make_ready, run_stage
+    from fusechat.pipeline import run_stages
 
-    make_ready(cfg)
-    run_stage(name, cfg, force=force, **options)
+    run_stages([name], cfg, force=force, **options)
 
 
 @app.command()

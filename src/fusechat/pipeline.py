@@ -22,7 +22,7 @@ from fusechat.model_sources import (
 )
 from fusechat.models import model_path_problem
 from fusechat.progress import console
-from fusechat.rundir import STAGES, RunDir
+from fusechat.rundir import STAGES, RunDir, remove_dead_temporaries, run_lock
 from fusechat.synthetic import ensure_synthetic, synthetic_problems
 
 # Stage -> module. Imported when the stage runs: mergekit alone takes seconds to import.
@@ -94,21 +94,32 @@ def require_runnable(cfg: RunConfig, source: str = "config") -> RunConfig:
 def make_ready(cfg: RunConfig) -> None:
     """Once before the stages: the run's config saved, synthetic data written, GGUF and zoo models made."""
     resolve_paths(cfg)
-    RunDir(cfg.run_dir).save_config(cfg.to_yaml())
+    with run_lock(cfg.run_dir):
+        RunDir(cfg.run_dir).save_config(cfg.to_yaml())
     ensure_synthetic(cfg)
     for spec in cfg.models:
         ensure_converted(spec)
 
 
 def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> None:
-    """One stage of a run whose models and data are ready (`make_ready`)."""
+    """One stage of a run whose models and data are ready (`make_ready`), holding the run directory's lock;
+    temporaries that stopped runs left behind are removed first."""
     options = {k: v for k, v in options.items() if v is not None}
-    importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
+    with run_lock(cfg.run_dir):
+        remove_dead_temporaries(cfg.run_dir)
+        importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
+
+
+def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options) -> None:
+    """Make the run ready, then the given stages in order, all under one hold of the run directory's lock."""
+    with run_lock(cfg.run_dir):
+        make_ready(cfg)
+        for stage in stages:
+            if len(stages) > 1:
+                console.rule(f"[bold]{stage}")
+            run_stage(stage, cfg, force=force, **options)
 
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:
     """Every stage in order; complete stages skip themselves."""
-    make_ready(cfg)
-    for stage in STAGES:
-        console.rule(f"[bold]{stage}")
-        run_stage(stage, cfg, force=force)
+    run_stages(list(STAGES), cfg, force=force)
