@@ -117,6 +117,8 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
     fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force, label=f"train {name}"):
+        if state.is_main_process and not cfg.train.keep_checkpoints:
+            shutil.rmtree(work, ignore_errors=True)  # a run killed between saving the target and this cleanup
         return out
     if state.is_main_process:
         _claim_work_folder(work, fingerprint, name, force)
