@@ -25,10 +25,10 @@ def base_lines(tmp_path, data_file):
         f"run_dir: {tmp_path / 'run'}",  # 1
         "pivot:",  # 2
         "  name: pivot",  # 3
-        "  path: org/pivot-model",  # 4
+        "  path: hub:org/pivot-model",  # 4
         "sources:",  # 5
         "  - name: src",  # 6
-        "    path: org/source-model",  # 7
+        "    path: hub:org/source-model",  # 7
         "data:",  # 8
         f"  paths: [{data_file}]",  # 9
         "prepare:",  # 10
@@ -132,7 +132,7 @@ def test_unknown_key_in_a_list_item(tmp_path, config_lines):
 def test_a_model_without_path_gguf_or_zoo_is_named(tmp_path, config_lines):
     config_lines[6] = "    revision: main"
     problem = only_problem(write(tmp_path, config_lines))
-    assert "sources[0]" in problem and "needs `path` (a folder or hub id), `gguf`" in problem
+    assert "sources[0]" in problem and "needs `path` (a folder, or a hub id with `hub`), `gguf`" in problem
 
 
 def test_unknown_top_level_section(tmp_path, config_lines):
@@ -356,7 +356,7 @@ def test_override_list_item_by_index(tmp_path, config_lines):
 
 
 def test_override_list_item_by_name(tmp_path, config_lines):
-    config_lines[7:7] = ["  - name: solar", "    path: org/solar"]
+    config_lines[7:7] = ["  - name: solar", "    path: hub:org/solar"]
     cfg = load_config(
         write(tmp_path, config_lines), overrides=["sources.solar.path=org/solar-2", "sources.src.revision=v1"]
     )
@@ -435,7 +435,7 @@ def flat(text):
 def test_cli_validate_prints_resolved_yaml(tmp_path, config_lines, data_file, capsys):
     assert cli("validate", write(tmp_path, config_lines)) == 0
     out = yaml.safe_load(capsys.readouterr().out)
-    assert out["pivot"] == {"name": "pivot", "path": "org/pivot-model", "gguf": None, "zoo": None, "skills": [], "revision": None,
+    assert out["pivot"] == {"name": "pivot", "path": "org/pivot-model", "hub": True, "gguf": None, "zoo": None, "skills": [], "revision": None,
                             "trust_remote_code": False}
     assert out["data"]["paths"] == [str(data_file)]
     assert out["data"]["on_bad_record"] == "error"
@@ -494,3 +494,70 @@ def test_cli_bad_set_exits_1(tmp_path, config_lines, capsys):
 def test_cli_missing_config_file_exits_1(tmp_path, capsys):
     assert cli("validate", tmp_path / "absent.yaml") == 1
     assert "config file not found" in flat(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------ names and paths a run must not trust
+
+
+def test_set_with_invalid_yaml_is_a_clean_error(tmp_path, config_lines, capsys):
+    path = write(tmp_path, config_lines)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, overrides=["data.paths=[/x.jsonl"])
+    assert "--set 'data.paths=[/x.jsonl': the value is not valid YAML" in str(exc.value)
+    assert cli("validate", path, "--set", "data.paths=[/x.jsonl") == 1
+    captured = capsys.readouterr()
+    assert "not valid YAML" in flat(captured.err) and "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("name", ["sft", "multi", "varm", "ties", "task_arithmetic"])
+def test_reserved_source_names_are_rejected(tmp_path, config_lines, name):
+    config_lines[5] = f"  - name: {name}"
+    problem = only_problem(write(tmp_path, config_lines))
+    assert f"sources[0].name {name!r} is reserved" in problem
+
+
+def test_every_merge_method_is_a_reserved_name(tmp_path, config_lines):
+    import fusechat.merge  # noqa: F401  (registers every method)
+    from fusechat.config import RESERVED_NAMES
+    from fusechat.merge.registry import METHODS
+
+    # The paper's methods are refused by the config itself; every other registered method when the run loads.
+    assert {"varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"} <= set(RESERVED_NAMES)
+    config_lines[5] = "  - name: karcher"
+    assert "karcher" in METHODS
+    assert only_problem(write(tmp_path, config_lines)) == (
+        "sources[0].name 'karcher' is reserved: it names the karcher merge (merged/karcher); choose another name")
+
+
+def test_a_missing_relative_path_with_one_slash_is_not_a_hub_id(tmp_path, config_lines, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config_lines[3] = "  path: models/llama"
+    problem = only_problem(write(tmp_path, config_lines))
+    assert problem.startswith("pivot.path: folder not found: models/llama")
+    assert "hub: true" in problem  # the way to say it is a hub id
+
+
+def test_a_hub_id_is_used_when_asked_for(tmp_path, config_lines):
+    config_lines[3] = "  path: models/llama"
+    config_lines.insert(4, "  hub: true")
+    cfg = load_run(write(tmp_path, config_lines))
+    assert (cfg.pivot.path, cfg.pivot.hub) == ("models/llama", True)
+    assert (cfg.sources[0].path, cfg.sources[0].hub) == ("org/source-model", True)  # written hub:org/source-model
+
+
+def test_hub_goes_with_a_hub_id_only(tmp_path, config_lines):
+    config_lines[3] = "  path: ./models/llama"
+    config_lines.insert(4, "  hub: true")
+    assert "`path` must be a hub id" in only_problem(write(tmp_path, config_lines))
+
+
+@pytest.mark.parametrize("target", ["../..", "missing", "../src"])
+def test_merge_targets_must_be_targets_of_the_run(tmp_path, config_lines, target):
+    config_lines += ["merge:", f"  targets: [src, {target!r}]"]
+    problem = only_problem(write(tmp_path, config_lines))
+    assert f"merge.targets[1] {target!r} is not a target of this run" in problem
+
+
+def test_merge_targets_may_name_the_baselines(tmp_path, config_lines):
+    config_lines += ["merge:", "  targets: [src, sft, multi]"]
+    assert load_config(write(tmp_path, config_lines)).merge.targets == ["src", "sft", "multi"]

@@ -213,6 +213,29 @@ def test_single_turn_longer_than_max_length_is_truncated(tmp_path, make_config):
     assert manifest["counts"]["dropped_blocks"] == {"no_assistant_tokens_after_truncation": 1}
 
 
+def test_a_huge_record_is_cut_before_it_is_tokenized(tmp_path, make_config, monkeypatch):
+    # A multi-megabyte answer once cost gigabytes: the whole text was tokenized, with offsets, before the
+    # cut. Only the first char_limit characters of a text may reach the tokenizer.
+    longest = []
+    real_encode = prepare.Preparer._encode
+
+    def encode(self, texts):
+        longest.append(max(map(len, texts)))
+        return real_encode(self, texts)
+
+    monkeypatch.setattr(prepare.Preparer, "_encode", encode)
+    answer = "yo" * 1_000_000
+    data = write_jsonl(tmp_path / "c.jsonl", [sharegpt("hi", answer, id="c"), sharegpt("hi", "short", id="e")])
+    ds, manifest = run_prepare(make_config([data], pivot="char", prepare={"max_length": 60}))
+    cfg = load_config(tmp_path / "run.yaml")
+    limit = prepare.Preparer(AutoTokenizer.from_pretrained(cfg.pivot.path),
+                             prepare.get_template("openchat", None), 60).char_limit
+    assert max(longest) <= limit < 10_000
+    row = ds[0]  # the same cut as for any answer too long to fit
+    assert row["num_tokens"] == 60 and row["text"] == f"{USER}hi</s>{ASSISTANT}" + answer[:14]
+    assert manifest["counts"]["truncated"] == 1 and len(ds) == 2
+
+
 # ------------------------------------------------------------------ run directory
 
 

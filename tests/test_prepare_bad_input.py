@@ -230,6 +230,16 @@ def test_skip_counts_each_reason(tmp_path, make_config):
     assert counts["trailing_user_turns_dropped"] == 0
 
 
+def test_skipped_records_are_listed_with_file_and_line(tmp_path, make_config):
+    data = write_lines(tmp_path / "train.jsonl", [good(1), "{oops", good(2), sharegpt("just asking")])
+    out = prepare.run(load_config(make_config([data], data=SKIP)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = [json.loads(line) for line in (out / manifest["skipped_records"]).read_text().splitlines()]
+    assert [(r["where"], r["reason"]) for r in listed] == [
+        (f"{data}:2", "malformed_json"), (f"{data}:4", "no_assistant_turn")]
+    assert all(r["message"] for r in listed)
+
+
 def test_skip_with_no_good_record_is_an_error(tmp_path, make_config):
     data = write_lines(tmp_path / "train.jsonl", ["{", sharegpt("alone")])
     message = prepare_error(make_config([data], data=SKIP))

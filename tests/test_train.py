@@ -140,7 +140,7 @@ class StopAt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_reaches_the_same_weights(tmp_path, zoo, monkeypatch):
+def test_resume_reaches_the_same_weights(tmp_path, zoo, monkeypatch, capsys):
     clean = tmp_path / "clean"
     clean.mkdir()
     expected = weights(train_run(load_config(fused_config(clean, zoo)))[0])
@@ -159,10 +159,54 @@ def test_resume_reaches_the_same_weights(tmp_path, zoo, monkeypatch):
         train_run(cfg)
     work = tmp_path / "run" / "targets" / ".mistral.work" / "checkpoints"
     assert sorted(p.name for p in work.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    # A kill during the save of checkpoint-6: its weights are written, its trainer state is torn.
+    torn = work / "checkpoint-6"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes((work / "checkpoint-4" / "model.safetensors").read_bytes())
+    (torn / "trainer_state.json").write_text('{"global_step": 6, "log_hist')
     monkeypatch.setattr(trainer_module.FusionTrainer, "__init__", original_init)
-    resumed = weights(train_run(cfg)[0])
+    out = train_run(cfg)[0]
+    said = capsys.readouterr().err
+    assert "skipping checkpoint-6 (not completely written)" in " ".join(said.split())
+    assert "resuming from" in said and "checkpoint-4" in said
+    resumed = weights(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)  # the stated tolerance
+    # The saved loss covers the steps before the resume too.
+    expected_loss = json.loads((clean / "run" / "targets" / "mistral" / "manifest.json").read_text())["train_loss"]
+    assert json.loads((out / "manifest.json").read_text())["train_loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_a_rerun_with_other_settings_starts_afresh_instead_of_resuming(tmp_path, zoo, monkeypatch, capsys):
+    other = {"learning_rate": 1e-2, "max_steps": 6}
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    expected = weights(train_run(load_config(fused_config(clean, zoo, train=other)))[0])
+
+    from fusechat.train import trainer as trainer_module
+
+    original_init = trainer_module.FusionTrainer.__init__
+
+    def init_with_stop(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(StopAt(5))
+
+    path = fused_config(tmp_path, zoo)  # learning rate 5e-3, 8 steps
+    monkeypatch.setattr(trainer_module.FusionTrainer, "__init__", init_with_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(load_config(path))
+    monkeypatch.setattr(trainer_module.FusionTrainer, "__init__", original_init)
+    capsys.readouterr()
+    out = train_run(load_config(path, overrides=["train.learning_rate=1e-2", "train.max_steps=6"]))[0]
+    said = " ".join(capsys.readouterr().err.split())
+    assert "made with other inputs or settings" in said and "starting afresh" in said
+    assert "resuming from" not in said
+    manifest = json.loads((out / "manifest.json").read_text())
+    clean_manifest = json.loads((clean / "run" / "targets" / "mistral" / "manifest.json").read_text())
+    rates = lambda m: [h["learning_rate"] for h in m["log_history"] if "learning_rate" in h]  # noqa: E731
+    assert rates(manifest) == pytest.approx(rates(clean_manifest))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 def test_sft_and_multi_baselines_from_config(tmp_path, zoo):

@@ -42,10 +42,9 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 def _stage(name: str, cfg, force: bool = False, **options) -> None:
-    from fusechat.pipeline import make_ready, run_stage
+    from fusechat.pipeline import run_stages
 
-    make_ready(cfg)
-    run_stage(name, cfg, force=force, **options)
+    run_stages([name], cfg, force=force, **options)
 
 
 @app.command()
@@ -99,7 +98,7 @@ def eval_(
     force: ForceOpt = False,
     models: Annotated[
         Optional[list[str]],
-        typer.Option("--models", help="Evaluate these model folders or hub ids instead of a run (repeatable or "
+        typer.Option("--models", help="Evaluate these model folders (hub:org/name for a hub id) instead of a run (repeatable or "
                                       "space-separated); rows are named after the folders.", show_default=False),
     ] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluation items (JSONL), with --models.")] = None,
@@ -112,7 +111,7 @@ def eval_(
     ] = None,
     judge: Annotated[
         str | None,
-        typer.Option("--judge", help="MT-Bench judge: a local chat model folder or hub id; with --judge-endpoint, "
+        typer.Option("--judge", help="MT-Bench judge: a local chat model folder or hub:org/name; with --judge-endpoint, "
                                      "the model name sent to the endpoint (default gpt-4).", show_default=False),
     ] = None,
     judge_endpoint: Annotated[
@@ -208,7 +207,7 @@ def zoo_build(
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
+    model: Annotated[str, typer.Argument(help="Model folder, or hub:org/name for a Hugging Face hub id.")],
     message: Annotated[
         Optional[str], typer.Option(help="Answer this one message, print the answer and exit.", show_default=False)
     ] = None,

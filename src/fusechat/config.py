@@ -32,6 +32,15 @@ DATA_SUFFIXES = (".json", ".jsonl")
 # The built-in chat templates (fusechat.data.templates defines them; a test keeps the two in step).
 TEMPLATE_NAMES = ("openchat", "chatml")
 WHEEL_REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+# A model `path` written `hub:org/name` is a hub id, the same as `hub: true` with `path: org/name`.
+HUB_PREFIX = "hub:"
+# Names that already mean something as folders or table rows: the baseline targets and the merges.
+MERGE_METHODS = ("varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp")
+RESERVED_NAMES = {
+    "sft": "the SFT baseline's target (targets/sft)",
+    "multi": "the Multi baseline's fused set and target (fuse/multi, targets/multi)",
+    **{m: f"the {m} merge (merged/{m})" for m in MERGE_METHODS},
+}
 
 
 class Section(BaseModel):
@@ -97,8 +106,13 @@ class ModelSpec(Section):
 
     name: str = Field(description="Short name used for folders and table rows.")
     path: str | None = Field(
-        None, description="Local folder or Hugging Face hub id; with `gguf`, where the converted folder goes "
+        None, description="Local model folder (it must exist); with `hub`, a Hugging Face hub id (`org/name`, "
+                          "or written `hub:org/name`); with `gguf`, where the converted folder goes "
                           "(default: under $FUSECHAT_CACHE, ~/.cache/fusechat)."
+    )
+    hub: bool = Field(
+        False, description="`path` is a Hugging Face hub id, downloaded or read from the hub cache; without it "
+                           "a missing folder is an error, never a download."
     )
     gguf: GGUFSource | None = Field(None, description="Convert this GGUF file once and use the converted folder.")
     zoo: str | None = Field(
@@ -119,12 +133,25 @@ class ModelSpec(Section):
             raise ValueError(f"model name {v!r} must use letters, digits, '.', '_' or '-' (it names folders)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hub_prefix(cls, data: Any) -> Any:
+        path = data.get("path") if isinstance(data, dict) else None
+        if isinstance(path, str) and path.startswith(HUB_PREFIX):
+            return {**data, "path": path[len(HUB_PREFIX):], "hub": True}
+        return data
+
     @model_validator(mode="after")
     def _path_or_gguf(self) -> ModelSpec:
+        if self.hub and (self.gguf is not None or self.zoo is not None):
+            raise ValueError(f"model {self.name!r}: `hub` goes with `path` alone, not with `gguf` or `zoo`")
+        if self.hub and (self.path is None or not HUB_ID_RE.match(self.path)):
+            raise ValueError(f"model {self.name!r}: with `hub: true`, `path` must be a hub id (org/name), "
+                             f"got {self.path!r}")
         if self.gguf is not None and self.zoo is not None:
             raise ValueError(f"model {self.name!r}: give `gguf` or `zoo`, not both")
         if self.path is None and self.gguf is None and self.zoo is None:
-            raise ValueError(f"model {self.name!r} needs `path` (a folder or hub id), `gguf` (a GGUF file) "
+            raise ValueError(f"model {self.name!r} needs `path` (a folder, or a hub id with `hub`), `gguf` (a GGUF file) "
                              "or `zoo` (a demo zoo model)")
         return self
 
@@ -291,7 +318,7 @@ class MtBenchConfig(Section):
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights of the answering models and the judge.")
     judge: str | None = Field(
-        None, description="Judge: a local chat model folder or hub id; with judge_endpoint, the endpoint's model name."
+        None, description="Judge: a local chat model folder or hub:org/name; with judge_endpoint, the endpoint's model name."
     )
     judge_endpoint: str | None = Field(None, description="OpenAI-compatible API base URL (…/v1) of the judge.")
     judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
@@ -357,12 +384,26 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _names_are_unique(self) -> RunConfig:
         seen: set[str] = set()
+        for where, spec in [("pivot", self.pivot), *((f"sources[{i}]", s) for i, s in enumerate(self.sources))]:
+            if spec.name in RESERVED_NAMES:
+                raise ValueError(f"{where}.name {spec.name!r} is reserved: it names {RESERVED_NAMES[spec.name]}; "
+                                 "choose another name")
         for i, src in enumerate(self.sources):
             if src.name == self.pivot.name:
                 raise ValueError(f"sources[{i}].name {src.name!r} is the pivot's name; every model needs its own name")
             if src.name in seen:
                 raise ValueError(f"sources[{i}].name {src.name!r} is used by another source; names must be unique")
             seen.add(src.name)
+        return self
+
+    @model_validator(mode="after")
+    def _merge_targets_are_targets(self) -> RunConfig:
+        # The names become folders under targets/: only the run's own targets may be named.
+        known = [s.name for s in self.sources] + ["sft", "multi"]
+        for i, name in enumerate(self.merge.targets or []):
+            if name not in known:
+                raise ValueError(f"merge.targets[{i}] {name!r} is not a target of this run (targets: "
+                                 f"{', '.join(known)})")
         return self
 
     @property
@@ -471,16 +512,24 @@ def apply_override(raw: dict, item: str, source: str = "--set") -> None:
             if idx is None:
                 raise ConfigError(source, [f"--set {key}: no item {part!r} in {'.'.join(parts[:depth])}"])
             if last:
-                node[idx] = yaml.safe_load(value)
+                node[idx] = _override_value(value, item, source)
             else:
                 node = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[part] = yaml.safe_load(value)
+                node[part] = _override_value(value, item, source)
             else:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(source, [f"--set {key}: {'.'.join(parts[:depth])} is not a section"])
+
+
+def _override_value(value: str, item: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                                   "quote it to give a plain string"]) from None
 
 
 def _list_index(node: list, part: str) -> int | None:

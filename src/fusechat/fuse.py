@@ -177,7 +177,7 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
             name=name, pivot=cfg.pivot.name, sources=sources, candidates=labels, method=cfg.fuse.method,
             ce_unit=cfg.fuse.ce_unit, pivot_tokenizer_hash=pm["tokenizer_hash"], top_k=k,
             sequences=pm["num_sequences"], choices={lbl: choices[lbl] for lbl in [*labels, "excluded"]},
-            positions_in_fusion_loss=positions,
+            positions_in_fusion_loss=positions, shards=shards.written,
         )
     console.print(summary_table(f"fuse {name} ({cfg.fuse.method}) → {out}", [
         *[(f"sequences choosing {lbl}", choices[lbl]) for lbl in labels],

@@ -9,25 +9,35 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from fusechat.config import HUB_ID_RE, ModelSpec
+from fusechat.config import HUB_ID_RE, HUB_PREFIX, ModelSpec
 from fusechat.errors import FusechatError
 
 
-def model_path_problem(path: str) -> str | None:
-    """Why a model `path` cannot be loaded, or None (a hub id is left to the loader)."""
+def model_path_problem(path: str, hub: bool = False) -> str | None:
+    """Why a model `path` cannot be loaded, or None.
+
+    A path is a local folder unless the user says it is a hub id (``hub`` or a ``hub:`` prefix):
+    a missing folder is never taken for a hub id, so no download happens by accident.
+    """
+    if path.startswith(HUB_PREFIX):
+        path, hub = path[len(HUB_PREFIX):], True
+    if hub:
+        return None if HUB_ID_RE.match(path) else f"{path!r} is not a hub id (org/name)"
+    if Path(path).is_dir():
+        return None
     if Path(path).exists():
-        return None if Path(path).is_dir() else f"{path} is a file; a model is a folder (or a hub id)"
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
-    if looks_local or not HUB_ID_RE.match(path):
-        return f"folder not found: {path}"
-    return None  # a hub id: the loader says clearly if it is neither cached nor reachable
+        return f"{path} is a file; a model is a folder"
+    hint = ""
+    if "/" in path and HUB_ID_RE.match(path):
+        hint = f" (if {path!r} is a Hugging Face hub id, set `hub: true` or write hub:{path})"
+    return f"folder not found: {path}{hint}"
 
 
 def load_tokenizer(spec: ModelSpec):
     """The model's fast tokenizer. Fast tokenizers are required: stages need character offsets."""
     from transformers import AutoTokenizer
 
-    problem = model_path_problem(spec.path)
+    problem = model_path_problem(spec.path, spec.hub)
     if problem:
         raise FusechatError(f"model {spec.name!r}: {problem}")
     try:
@@ -83,7 +93,7 @@ def load_causal_lm(spec: ModelSpec, dtype: str = "fp32", device_map=None):
 
     transformers.utils.logging.disable_progress_bar()  # fusechat shows its own progress
 
-    problem = model_path_problem(spec.path)
+    problem = model_path_problem(spec.path, spec.hub)
     if problem:
         raise FusechatError(f"model {spec.name!r}: {problem}")
     check_weights(spec)

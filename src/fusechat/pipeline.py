@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RunConfig, load_config
+from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RESERVED_NAMES, RunConfig, load_config
 from fusechat.errors import ConfigError
-from fusechat.merge.registry import check_merge_settings
+from fusechat.merge.registry import METHODS, check_merge_settings
 from fusechat.model_sources import (
     ensure_converted,
     is_converted,
@@ -24,7 +24,7 @@ from fusechat.model_sources import (
 )
 from fusechat.models import model_path_problem
 from fusechat.progress import console
-from fusechat.rundir import STAGES, RunDir
+from fusechat.rundir import STAGES, RunDir, remove_dead_temporaries, run_lock
 from fusechat.synthetic import ensure_synthetic, synthetic_problems
 
 # Stage -> module. Imported when the stage runs: mergekit alone takes seconds to import.
@@ -55,7 +55,12 @@ def merge_problems(cfg: RunConfig) -> list[str]:
     """The merge methods and parameters the config names, checked against the method registry (the number
     of targets is the merge stage's to check: a run may stop before it)."""
     m = cfg.merge
-    return check_merge_settings(list(dict.fromkeys([m.method, *m.baselines])), m.params)
+    problems = check_merge_settings(list(dict.fromkeys([m.method, *m.baselines])), m.params)
+    for where, spec in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
+        if spec.name in METHODS and spec.name not in RESERVED_NAMES:  # the config refuses the others itself
+            problems.append(f"{where}.name {spec.name!r} is reserved: it names the {spec.name} merge "
+                            f"(merged/{spec.name}); choose another name")
+    return problems
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -86,7 +91,7 @@ def run_problems(cfg: RunConfig) -> list[str]:
         elif m.zoo is not None:
             problem, field = zoo_problem(m.zoo), "zoo"
         else:
-            problem, field = model_path_problem(m.path), "path"
+            problem, field = model_path_problem(m.path, m.hub), "path"
         if problem:
             problems.append(f"{where}.{field}: {problem}")
     return problems
@@ -118,21 +123,32 @@ def validate_run(path: str | os.PathLike, overrides: list[str] | None = None) ->
 def make_ready(cfg: RunConfig) -> None:
     """Once before the stages: the run's config saved, synthetic data written, GGUF and zoo models made."""
     resolve_paths(cfg)
-    RunDir(cfg.run_dir).save_config(cfg.to_yaml())
+    with run_lock(cfg.run_dir):
+        RunDir(cfg.run_dir).save_config(cfg.to_yaml())
     ensure_synthetic(cfg)
     for spec in cfg.models:
         ensure_converted(spec)
 
 
 def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> None:
-    """One stage of a run whose models and data are ready (`make_ready`)."""
+    """One stage of a run whose models and data are ready (`make_ready`), holding the run directory's lock;
+    temporaries that stopped runs left behind are removed first."""
     options = {k: v for k, v in options.items() if v is not None}
-    importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
+    with run_lock(cfg.run_dir):
+        remove_dead_temporaries(cfg.run_dir)
+        importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
+
+
+def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options) -> None:
+    """Make the run ready, then the given stages in order, all under one hold of the run directory's lock."""
+    with run_lock(cfg.run_dir):
+        make_ready(cfg)
+        for stage in stages:
+            if len(stages) > 1:
+                console.rule(f"[bold]{stage}")
+            run_stage(stage, cfg, force=force, **options)
 
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:
     """Every stage in order; complete stages skip themselves."""
-    make_ready(cfg)
-    for stage in STAGES:
-        console.rule(f"[bold]{stage}")
-        run_stage(stage, cfg, force=force)
+    run_stages(list(STAGES), cfg, force=force)

@@ -3,10 +3,13 @@
 Output (``<run_dir>/prepared``) is a Hugging Face dataset saved to disk, one row
 per block, with the columns of ``FEATURES``. The ``text`` and its spans are the
 contract with later stages: every model reads this text with its own tokenizer.
+Records dropped with ``on_bad_record: skip`` are listed with their file:line in
+``skipped.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ from fusechat.rundir import (
 )
 
 MAX_LISTED_ERRORS = 20
+SKIPPED_FILE = "skipped.jsonl"
 
 
 def features():
@@ -91,6 +95,11 @@ class Preparer:
         self.template = template
         self.max_length = max_length
         self.stats = stats or PrepareStats()
+        # No token covers more characters than its own string has (twice that, for normalisers that drop
+        # characters), so a text longer than this cannot fit in max_length tokens: only this much of it is
+        # ever tokenized, however long the record.
+        longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self.char_limit = 2 * max_length * max(longest_token, 1) + 64
 
     def _encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         enc = self.tokenizer(
@@ -102,32 +111,35 @@ class Preparer:
         return self.template.render(messages, self.tokenizer.eos_token)
 
     def rows(self, conversations: list[Conversation]) -> Iterator[dict]:
-        rendered = []
-        for conv in conversations:
-            rendered.append(self.render(conv.messages))
-        all_ids, all_offsets = self._encode([r.text for r in rendered])
-        for conv, r, ids, offsets in zip(conversations, rendered, all_ids, all_offsets):
-            if len(ids) <= self.max_length:
-                yield from self._finish(conv, conv.id, r, ids, offsets)
+        rendered = [self.render(conv.messages) for conv in conversations]
+        short = [i for i, r in enumerate(rendered) if len(r.text) <= self.char_limit]
+        encoded = dict(zip(short, zip(*self._encode([rendered[i].text for i in short])))) if short else {}
+        for i, (conv, r) in enumerate(zip(conversations, rendered)):
+            if i in encoded and len(encoded[i][0]) <= self.max_length:
+                yield from self._finish(conv, conv.id, r, *encoded[i])
                 continue
             blocks = split_exchanges(conv.system, conv.exchanges(), self._fits)
             if len(blocks) > 1:
                 self.stats.split += 1
             for b, messages in enumerate(blocks):
                 r = self.render(messages)
-                (ids,), (offsets,) = self._encode([r.text])
-                if len(ids) > self.max_length:
+                (ids,), (offsets,) = self._encode([r.text[: self.char_limit]])
+                if len(ids) > self.max_length or len(r.text) > self.char_limit:
                     r, ids, offsets = self._truncate(r, ids, offsets)
                     self.stats.truncated += 1
                 block_id = f"{conv.id}#{b}" if len(blocks) > 1 else conv.id
                 yield from self._finish(conv, block_id, r, ids, offsets)
 
     def _fits(self, messages) -> bool:
-        (ids,), _ = self._encode([self.render(messages).text])
+        text = self.render(messages).text
+        if len(text) > self.char_limit:
+            return False
+        (ids,), _ = self._encode([text])
         return len(ids) <= self.max_length
 
     def _truncate(self, r: Rendered, ids: list[int], offsets: list[tuple[int, int]]):
-        """Cut text and tokens at a token boundary so that ``text`` still matches ``input_ids``."""
+        """Cut text and tokens at a token boundary so that ``text`` still matches ``input_ids``
+        (``ids``, ``offsets``: the tokens of the text or of its first ``char_limit`` characters)."""
         keep = self.max_length
         while keep > 0:
             cut = max((end for _, end in offsets[:keep]), default=0)
@@ -232,18 +244,21 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             bar.advance(task, len(batch))
             batch.clear()
 
-        for item in iter_conversations(cfg, stats):
-            if isinstance(item, BadRecord):
-                stats.skipped[item.reason] += 1
-                bar.advance(task)
-                continue
-            stats.kept += 1
-            stats.trailing_user_turns += "trailing_user_turn" in item.notes
-            batch.append(item)
-            if len(batch) >= cfg.prepare.batch_size:
+        with open(tmp / SKIPPED_FILE, "w", encoding="utf-8") as skipped:
+            for item in iter_conversations(cfg, stats):
+                if isinstance(item, BadRecord):
+                    stats.skipped[item.reason] += 1
+                    skipped.write(json.dumps({"where": item.where, "reason": item.reason, "message": item.message},
+                                             ensure_ascii=False) + "\n")
+                    bar.advance(task)
+                    continue
+                stats.kept += 1
+                stats.trailing_user_turns += "trailing_user_turn" in item.notes
+                batch.append(item)
+                if len(batch) >= cfg.prepare.batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
         writer.finalize()
         if stats.rows == 0:
             raise DataError(f"no usable conversation in {', '.join(cfg.data.paths)} ({stats.records} records read)")
@@ -257,6 +272,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             eos_token=tokenizer.eos_token,
             max_length=cfg.prepare.max_length,
             counts=stats.as_dict(),
+            skipped_records=SKIPPED_FILE,
         )
     print_summary(stats, out)
     return out

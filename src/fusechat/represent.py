@@ -47,6 +47,7 @@ from fusechat.shards import (
     shard_files,
     shard_meta,
     shard_name,
+    shard_problem,
     write_shard,
 )
 
@@ -298,8 +299,11 @@ def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Pat
     if state.is_main_process:
         old = read_manifest(out)
         if force or (old is not None and old.get("fingerprint") != fingerprint):
+            if old is not None and not force:
+                console.print(f"represent {spec.name}: {out} holds shards of other inputs or settings; starting fresh")
             shutil.rmtree(out, ignore_errors=True)  # output of other inputs: never mix shards
         out.mkdir(parents=True, exist_ok=True)
+        _drop_damaged_shards(out, n, size, spec.name, announce=not (old or {}).get("complete"))
         manifest = new_manifest(
             "represent", fingerprint, model=spec.name, path=spec.path, revision=spec.revision,
             config_hash=config_hash(spec), tokenizer_hash=tok_hash, prepared_fingerprint=prepared_manifest["fingerprint"],
@@ -326,6 +330,17 @@ def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Pat
         _finish_manifest(out, num_shards, tokens_this_run, elapsed, spec.name, state.num_processes)
     state.wait_for_everyone()
     return out
+
+
+def _drop_damaged_shards(out: Path, n: int, size: int, name: str, announce: bool) -> None:
+    """Delete shard files that are torn, of the wrong length or beyond the last shard, so that they are redone."""
+    num_shards = (n + size - 1) // size
+    for i, path in shard_files(out).items():
+        problem = "beyond the last shard" if i >= num_shards else shard_problem(path, min(size, n - i * size))
+        if problem:
+            if announce:
+                console.print(f"represent {name}: {path} is damaged ({problem}); redoing it")
+            path.unlink()
 
 
 def _sum_over_processes(value: int, state) -> int:
@@ -391,6 +406,7 @@ def _finish_manifest(out: Path, num_shards: int, tokens_this_run: int, elapsed: 
         bytes_per_token=round(bytes_on_disk / max(tokens, 1), 2),
         elapsed_s=round(elapsed, 3),
         tokens_per_s=round(tokens_this_run / elapsed, 1) if elapsed > 0 and tokens_this_run else None,
+        shards={p.name: m["sequences"] for (_, p), m in zip(sorted(files.items()), metas)},
         complete=True,
     )
     write_manifest(out, manifest)

@@ -21,8 +21,10 @@ A model's representation (its own tokenization of the prepared text):
 | ``finite`` | bool | logits and CE finite |
 
 Ids are uint16 when the vocabulary fits, so that a token costs about 45 bytes at
-k = 10 before compression. A shard's counts live in its Parquet metadata, so a
-shard file is complete exactly when it exists (it is written then renamed).
+k = 10 before compression. A shard is written to a temporary file, flushed to
+disk and renamed, so a kill never leaves a torn ``shard-*.parquet``; after a power
+loss one could still be short, which ``shard_problem`` finds (its Parquet footer
+and row count) before the shard is trusted.
 """
 
 from __future__ import annotations
@@ -97,6 +99,23 @@ def write_shard(path: Path, rows: list[SequenceRep], meta: dict) -> int:
         "finite": pa.array([r.finite for r in rows], pa.bool_()),
     }
     return _write_table(path, columns, meta)
+
+
+def shard_problem(path: Path, rows: int | None = None) -> str | None:
+    """What is wrong with a shard file (missing, torn, not ``rows`` rows long), or None when it is whole."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        num_rows = pq.read_metadata(path).num_rows
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... by how the file is broken
+        return f"not a whole Parquet file: {e}"
+    if rows is not None and num_rows != rows:
+        return f"{num_rows} rows where {rows} were written"
+    return None
 
 
 def shard_meta(path: Path) -> dict:
@@ -289,6 +308,7 @@ class ShardWriter:
         self.folder, self.size, self.write = Path(folder), size, write
         self.rows: list = []
         self.shards = 0
+        self.written: dict[str, int] = {}  # file name -> rows: the manifest's `shards`, checked on reading
 
     def add(self, row) -> None:
         self.rows.append(row)
@@ -298,4 +318,5 @@ class ShardWriter:
     def flush(self) -> None:
         if self.rows:
             self.write(self.folder / shard_name(self.shards), self.rows, {"shard": self.shards})
+            self.written[shard_name(self.shards)] = len(self.rows)
             self.rows, self.shards = [], self.shards + 1

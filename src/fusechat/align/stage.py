@@ -192,7 +192,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
             coverage=coverage_by_how(by_how),
             aligned_positions_without_mapped_ids=unmapped_positions,
             vocab_coverage=coverage, vocab_coverage_of_used_ids=used_coverage,
-            source_vocab_size=int(len(vocab_map.pivot_id)),
+            source_vocab_size=int(len(vocab_map.pivot_id)), shards=shards.written,
         )
     console.print(summary_table(f"align {spec.name} → {out}", [
         ("sequences", total),

@@ -40,7 +40,7 @@ def evaluate_models(models: dict[str, str], items: list[EvalItem], max_new_token
                     device: str = "cpu") -> dict:
     """``{"exact_match": {row: {skill: x, ..., "average": y}}, "bits_per_byte": {...}}``, rows in ``models`` order.
 
-    ``models`` maps row names to model folders (or hub ids).
+    ``models`` maps row names to model folders (or hub:org/name ids).
     """
     return tables(items, score_models(models, items, max_new_tokens, batch_size, device))
 

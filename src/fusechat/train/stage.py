@@ -7,13 +7,22 @@ trained with ``FusionTrainer`` (the Hugging Face Trainer) under
 ``<run_dir>/targets/.<name>.work/`` (checkpoints, TensorBoard logs), then saved
 in Hugging Face format to ``<run_dir>/targets/<name>/`` with the tokenizer, the
 run's chat template and a model card.
+
+Resume: the work folder belongs to one fingerprint (``settings.json``): a rerun with
+other inputs or settings starts afresh. A checkpoint counts once the Trainer has
+written all of it (``fusechat-checkpoint.json``, written last); the newest such
+checkpoint is resumed, newer half-written ones are removed with a message.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from fusechat.config import RunConfig, TrainConfig
 from fusechat.data.templates import BUILTIN_TEMPLATES
@@ -25,8 +34,10 @@ from fusechat.prepare import load_prepared
 from fusechat.progress import console
 from fusechat.rundir import (
     RunDir,
+    atomic_write_json,
     atomic_write_text,
     build_output,
+    fsync_tree,
     inputs_fingerprint,
     is_complete,
     read_manifest,
@@ -36,6 +47,8 @@ from fusechat.train.data import FusionCollator, FusionDataset, load_fused
 from fusechat.train.trainer import FusionTrainer
 
 SFT = "sft"
+WORK_SETTINGS = "settings.json"  # the fingerprint a work folder's checkpoints belong to
+CHECKPOINT_SEAL = "fusechat-checkpoint.json"  # written last: the checkpoint is whole
 
 
 def targets(cfg: RunConfig) -> list[str]:
@@ -104,21 +117,33 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
     fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force, label=f"train {name}"):
+        if state.is_main_process and not cfg.train.keep_checkpoints:
+            shutil.rmtree(work, ignore_errors=True)  # a run killed between saving the target and this cleanup
         return out
-    if force and state.is_main_process:
-        shutil.rmtree(work, ignore_errors=True)
+    if state.is_main_process:
+        _claim_work_folder(work, fingerprint, name, force)
     state.wait_for_everyone()
 
     trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state)
-    last = _last_checkpoint(work / "checkpoints")
-    if last and state.is_main_process:
-        console.print(f"train {name}: resuming from {last}")
+    trainer.add_callback(SealCheckpoints(fingerprint))
+    last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
+    state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
+    if state.is_main_process:
+        for path, problem in skipped:
+            console.print(f"train {name}: skipping {path.name} ({problem}); removing it")
+            shutil.rmtree(path, ignore_errors=True)
+        if last:
+            console.print(f"train {name}: resuming from {last}")
+    state.wait_for_everyone()
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     final = trainer.model.merge_and_unload() if cfg.train.lora.enabled else trainer.model  # merge needs full weights
+    # The Trainer's own training_loss covers only the steps since the resume; the log covers them all.
+    train_loss = mean_logged_loss(trainer.state.log_history)
     if state.is_main_process:
         _save_target(cfg, name, final, tokenizer, out, fingerprint, {
-            "train_loss": round(result.training_loss, 6), "steps": trainer.state.global_step,
+            "train_loss": round(result.training_loss if train_loss is None else train_loss, 6),
+            "steps": trainer.state.global_step,
             "num_processes": state.num_processes, **sizes,
             "elapsed_s": round(time.time() - started, 3), "log_history": trainer.state.log_history,
             "fused": str(fused_dir) if fused_dir else None,
@@ -127,6 +152,52 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
             shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
     return out
+
+
+def _claim_work_folder(work: Path, fingerprint: str, name: str, force: bool) -> None:
+    """Tie the work folder to this fingerprint: checkpoints of other inputs or settings are never resumed."""
+    if work.exists():
+        try:
+            owner = json.loads((work / WORK_SETTINGS).read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if force or owner != fingerprint:
+            if not force:
+                console.print(f"train {name}: the checkpoints in {work} were made with other inputs or settings "
+                              f"(fingerprint {owner} != {fingerprint}); starting afresh")
+            shutil.rmtree(work)
+    atomic_write_json(work / WORK_SETTINGS, {"fingerprint": fingerprint})
+
+
+class SealCheckpoints(TrainerCallback):
+    """Marks each checkpoint whole once the Trainer has written it, and logs the loss at every checkpoint
+    and at the last step, so that the logged losses cover every step, before and after a resume."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            fsync_tree(folder)
+            atomic_write_json(folder / CHECKPOINT_SEAL, {"fingerprint": self.fingerprint, "step": state.global_step})
+        return control
+
+
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """Mean training loss over every logged step: each logged value weighs the steps since the previous one."""
+    total, steps, last = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry and "step" in entry and entry["step"] > last:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else None
 
 
 def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, work: Path,
@@ -215,10 +286,31 @@ def _checkpointing_arg(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": enabled}
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest whole checkpoint of this fingerprint under ``folder``, and the newer ones passed over
+    with why (a kill during a save leaves one half-written)."""
+    if not folder.is_dir():
+        return None, []
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    skipped = []
+    for _, path in found:
+        problem = _checkpoint_problem(path, fingerprint)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
-    return Path(get_last_checkpoint(str(folder))) if folder.is_dir() and get_last_checkpoint(str(folder)) else None
+
+def _checkpoint_problem(path: Path, fingerprint: str) -> str | None:
+    try:
+        seal = json.loads((path / CHECKPOINT_SEAL).read_text())
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "not completely written"
+    if seal.get("fingerprint") != fingerprint:
+        return "made with other inputs or settings"
+    return None
 
 
 def _save_target(cfg: RunConfig, name: str, model, tokenizer, out: Path, fingerprint: str, stats: dict) -> None:
