@@ -18,7 +18,7 @@ LAYERS = {
               "fusechat.merge.registry", "fusechat.merge.methods", "fusechat.merge.mergekit_methods",
               "fusechat.merge.tensors_io", "fusechat.merge.analysis", "fusechat.evaluate.items",
               "fusechat.evaluate.metrics", "fusechat.evaluate.report", "fusechat.evaluate.pipeline_report",
-              "fusechat.evaluate.rows", "fusechat.evaluate.mtbench.*"],
+              "fusechat.evaluate.rows", "fusechat.evaluate.retention", "fusechat.evaluate.mtbench.*"],
     "stages": ["fusechat.prepare", "fusechat.represent", "fusechat.align", "fusechat.align.stage", "fusechat.fuse",
                "fusechat.train", "fusechat.train.stage", "fusechat.merge", "fusechat.merge.stage",
                "fusechat.evaluate", "fusechat.evaluate.stage", "fusechat.evaluate.mtbench",

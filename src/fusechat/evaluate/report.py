@@ -53,10 +53,22 @@ def format_markdown(results: dict, title: str | None = None) -> str:
         lines += [f"| {name} | " + " | ".join(_cell(row.get(c), digits) for c in cols) + " |"
                   for name, row in rows.items()]
         parts.append("\n".join(lines) + "\n")
+    if results.get("retention"):
+        parts.append(format_retention(results["retention"], results.get("merge_method")))
     if results.get("pipeline"):
-
         parts.append(format_pipeline(results["pipeline"]))
     return "\n".join(parts)
+
+
+def format_retention(retention: dict[str, dict[str, float | None]], run_merge: str | None) -> str:
+    """Each merge's share of each target's gain on its source's skills (1 = all of it)."""
+    sources = list(dict.fromkeys(s for row in retention.values() for s in row))
+    lines = ["## What each merge keeps of each target's gain (on its source's skills; 1 = all of it)", "",
+             "| merge | " + " | ".join(sources) + " |", "|---|" + "---:|" * len(sources)]
+    for merge, row in retention.items():
+        label = f"{merge} (the run's merge)" if merge == run_merge else merge
+        lines.append(f"| {label} | " + " | ".join(_cell(row.get(s), 2) for s in sources) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _floor_average(floor: dict, cols: list[str]) -> float | None:

@@ -21,6 +21,7 @@ from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
 from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
 from fusechat.evaluate.pipeline_report import pipeline_summary
 from fusechat.evaluate.report import format_markdown, write_report
+from fusechat.evaluate.retention import against, retention
 from fusechat.evaluate.rows import Row, folder_rows, model_rows
 from fusechat.models import with_model
 from fusechat.progress import console, progress_bar
@@ -168,6 +169,11 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
     source_skills = {s.name: sorted(s.skills) for s in cfg.sources if s.skills}
     if source_skills:
         results["source_skills"] = source_skills
+    merges = [r.name for r in rows if r.kind == "merge"]
+    if merges:
+        results["merge_method"] = cfg.merge.method
+        results["retention"] = retention(results["bits_per_byte"], source_skills, merges)
+        results["against_sft"] = against(results["bits_per_byte"], merges)
     results["pipeline"] = pipeline_summary(cfg)
     with build_output(out, "eval", fingerprint, started, models=results["models"], data=list(cfg.eval.data),
                       items=len(items), settings=cfg.eval.model_dump(mode="json")) as building:
