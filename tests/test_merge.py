@@ -408,3 +408,33 @@ def test_a_config_with_a_bad_merge_method_or_parameter_is_refused_at_load(tmp_pa
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="merge.granularity: now merge.params.varm.granularity"):
         load_run(tmp_path / "c.yaml")
+
+
+def test_loss_along_lines_meets_the_models_at_its_ends_and_the_average_in_the_middle(trained_like, tmp_path):
+    from fusechat.evaluate.items import load_items
+    from fusechat.evaluate.stage import evaluate_models
+    from fusechat.merge.analysis import path_losses
+    from fusechat.merge.stage import Inputs
+
+    tmp, pivot, a, b, outs = trained_like
+    items_file = tmp_path / "items.jsonl"
+    items_file.write_text("".join(json.dumps({"id": f"q{i}", "skill": "s", "kind": "distribution", "answer": ans,
+                                              "messages": [{"role": "user", "content": q}]}) + "\n"
+                                  for i, (q, ans) in enumerate([("Describe Kalomi.", "a small blue wolf"),
+                                                                ("What is 2+3?", "5"), ("Say hi.", "hi there")])))
+    items = load_items(items_file)
+    cfg = load_config(tmp / "c.yaml")
+    inputs = Inputs(cfg)
+    try:
+        result = path_losses(cfg, inputs, items, points=3)
+    finally:
+        inputs.close()
+    assert result["alphas"] == [0.0, 0.5, 1.0]
+    assert list(result["lines"]) == ["pivot → a", "pivot → b", "a → b"]
+    direct = evaluate_models({"pivot": str(pivot), "a": str(a), "b": str(b), "avg": str(outs["linear"])}, items)
+    bpb = {name: row["s"] for name, row in direct["bits_per_byte"].items()}
+    line = result["lines"]
+    assert line["pivot → a"][0] == pytest.approx(bpb["pivot"], abs=1e-3)
+    assert line["pivot → a"][2] == pytest.approx(bpb["a"], abs=1e-3)
+    assert line["a → b"][2] == pytest.approx(bpb["b"], abs=1e-3)
+    assert line["a → b"][1] == pytest.approx(bpb["avg"], abs=1e-3)  # the midpoint is the equal-weight average

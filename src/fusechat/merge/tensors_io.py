@@ -86,6 +86,10 @@ class ModelReader:
         """Tensor names in file order."""
         return [t.name for t in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.begin))]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, read whole (for small models: the analysis holds several in memory)."""
+        return {n: self.get(n) for n in self.names}
+
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only its rows ``[start, end)`` along the first dimension."""
         info = self.tensors[name]
