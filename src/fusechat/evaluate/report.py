@@ -80,10 +80,13 @@ def _floor_average(floor: dict, cols: list[str]) -> float | None:
 
 
 def write_chart(results: dict, path: Path, title: str) -> None:
-    """A grouped bar chart, one panel per metric: a group per skill (and the average), a bar per model."""
+    """With an SFT row: each model against SFT per skill, as heatmaps (did fusion help?). Without one: a
+    grouped bar chart, one panel per metric, a group per skill (and the average), a bar per model."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if any(REFERENCE_ROW in (results.get(key) or {}) for key in METRICS):
+        return write_heatmaps(results, path, title)
     panels = [(key, results[key]) for key in METRICS if results.get(key)]
     widest = max((len(columns(t)) for _, t in panels), default=1)
     models = max((len(t) for _, t in panels), default=1)
@@ -95,6 +98,48 @@ def write_chart(results: dict, path: Path, title: str) -> None:
         _draw_panel(ax, key, table, floor)
     if not panels:
         axes[0].text(0.5, 0.5, "no results", ha="center", va="center")
+    save_figure(fig, path, title)
+
+
+REFERENCE_ROW = "sft"
+
+
+def write_heatmaps(results: dict, path: Path, title: str) -> None:
+    """One heatmap per metric: rows = models, columns = skills + average, each cell the model minus SFT,
+    blue where the model is better than SFT, red where it is worse, the difference written in the cell."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(key, results[key]) for key in METRICS if REFERENCE_ROW in (results.get(key) or {})]
+    widest = max(len(columns(t)) for _, t in panels)
+    tallest = max(len(t) - 1 for _, t in panels)
+    fig = Figure(figsize=(2.5 + 0.9 * widest, (1.2 + 0.32 * tallest) * len(panels) + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (key, table) in zip(axes, panels):
+        heading, better, digits = METRICS[key]
+        cols = columns(table)
+        ref = table[REFERENCE_ROW]
+        names = [n for n in table if n != REFERENCE_ROW]
+        diff = np.array([[np.nan if table[n].get(c) is None or ref.get(c) is None else table[n][c] - ref[c]
+                          for c in cols] for n in names], dtype=float)
+        # Colour: the difference relative to SFT's value, capped at ±25 %, so that a target's few percent
+        # show beside a source's tenfold; blue always means better (lower bits, higher exact match).
+        ref_row = np.array([np.nan if ref.get(c) is None else abs(ref[c]) for c in cols], dtype=float)
+        relative = diff / np.where(ref_row > 0, ref_row, 1.0)
+        better_sign = -1.0 if key == "bits_per_byte" else 1.0
+        ax.imshow(np.clip(better_sign * relative, -0.25, 0.25), cmap="RdBu", vmin=-0.25, vmax=0.25, aspect="auto")
+        for i in range(len(names)):
+            for j in range(len(cols)):
+                if np.isfinite(diff[i, j]):
+                    strong = abs(relative[i, j]) > 0.18
+                    ax.text(j, i, f"{diff[i, j]:+.{digits}f}", ha="center", va="center", fontsize=7,
+                            color="white" if strong else "black")
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_title(f"{heading}: each model minus SFT (blue: better than SFT; colour saturates at 25 %)",
+                     fontsize=9)
     save_figure(fig, path, title)
 
 
