@@ -90,38 +90,27 @@ class _Builder:
         return self.rendered
 
 
-BUILTIN_TEMPLATES = {
+OPENCHAT_JINJA = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + eos_token }}"
+    "{% elif m['role'] == 'user' %}{{ 'GPT4 Correct User: ' + m['content'] + eos_token }}"
+    "{% else %}{{ 'GPT4 Correct Assistant: ' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
+)
+CHATML_JINJA = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {t.name: t for t in (
     # OpenChat 3.5 as FastChat writes it (the FuseChat paper's template for every model).
-    "openchat": BuiltinTemplate(
-        name="openchat",
-        system="{content}{eos}",
-        user="GPT4 Correct User: {content}{eos}",
-        assistant_prefix="GPT4 Correct Assistant: ",
-        assistant_end="{eos}",
-        assistant_after="",
-        generation_prompt="GPT4 Correct Assistant:",
-        jinja=(
-            "{% for m in messages %}"
-            "{% if m['role'] == 'system' %}{{ m['content'] + eos_token }}"
-            "{% elif m['role'] == 'user' %}{{ 'GPT4 Correct User: ' + m['content'] + eos_token }}"
-            "{% else %}{{ 'GPT4 Correct Assistant: ' + m['content'] + eos_token }}{% endif %}"
-            "{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
-        ),
-    ),
-    "chatml": BuiltinTemplate(
-        name="chatml",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n",
-        assistant_prefix="<|im_start|>assistant\n",
-        assistant_end="<|im_end|>",
-        assistant_after="\n",
-        generation_prompt="<|im_start|>assistant\n",
-        jinja=(
-            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-        ),
-    ),
-}
+    BuiltinTemplate("openchat", system="{content}{eos}", user="GPT4 Correct User: {content}{eos}",
+                    assistant_prefix="GPT4 Correct Assistant: ", assistant_end="{eos}", assistant_after="",
+                    generation_prompt="GPT4 Correct Assistant:", jinja=OPENCHAT_JINJA),
+    BuiltinTemplate("chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
+                    user="<|im_start|>user\n{content}<|im_end|>\n", assistant_prefix="<|im_start|>assistant\n",
+                    assistant_end="<|im_end|>", assistant_after="\n", generation_prompt="<|im_start|>assistant\n",
+                    jinja=CHATML_JINJA),
+)}
 
 
 class TokenizerTemplate:
