@@ -5,8 +5,10 @@ Builds a pivot (Llama architecture: hidden 768, 12 layers, vocabulary 32,000, fp
 each in its own process: mergekit's linear merge of the two targets (the
 reference), fusechat's linear merge, and fusechat's VaRM merge (which also reads the
 pivot). Reports wall times relative to mergekit's linear merge (target for VaRM
-≤ 1.2) and fusechat VaRM's peak resident memory above its level before merging,
-as a share of one model's size (target: well under 1).
+≤ 1.2), each from a flushed page cache to its output on disk (fusechat syncs its
+output before renaming it into place; mergekit does not), and fusechat VaRM's peak
+resident memory above its level before merging, as a share of one model's size
+(target: well under 1).
 
     python benchmarks/merge.py [--json PATH]
 """
@@ -79,9 +81,14 @@ def worker(kind: str, root: Path) -> dict:
         def job():
             run(cfg, force=True)
 
+    # Every variant starts with no dirty page of an earlier one and stops once its output is on disk:
+    # fusechat syncs its output before renaming it into place (crash safety), mergekit does not, and an
+    # unsynced earlier run would otherwise be flushed on the clock of the next.
+    os.sync()
     with PeakRSS(interval=0.005) as peak:
         started = time.perf_counter()
         job()
+        os.sync()
         elapsed = time.perf_counter() - started
     return {"seconds": elapsed, "peak_delta_bytes": peak.delta_bytes}
 
