@@ -75,6 +75,23 @@ def fuse(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> Non
 
 
 @app.command()
+def sample(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    model: Annotated[Optional[str], typer.Option(help="Sample one answering model only.")] = None,
+) -> None:
+    """Implicit fusion: several sampled answers per training prompt from each model."""
+    _stage("sample", _load(config, set_), force, model=model)
+
+
+@app.command()
+def score(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Implicit fusion: score every sampled answer, then build the SFT set and the preference pairs."""
+    _stage("score", _load(config, set_), force)
+
+
+@app.command()
 def train(
     config: ConfigArg,
     set_: SetOpt = None,

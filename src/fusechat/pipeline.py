@@ -23,7 +23,7 @@ from fusechat.model_sources import (
 from fusechat.models import model_path_problem
 from fusechat.progress import console
 from fusechat.rundir import STAGES, RunDir
-from fusechat.synthetic import ensure_synthetic, synthetic_problems
+from fusechat.synthetic import ensure_synthetic, skill_checker, synthetic_problems
 
 # Stage -> module. Imported when the stage runs: mergekit alone takes seconds to import.
 STAGE_MODULES = {
@@ -31,10 +31,24 @@ STAGE_MODULES = {
     "represent": "fusechat.represent",
     "align": "fusechat.align",
     "fuse": "fusechat.fuse",
+    "sample": "fusechat.implicit.sample",
+    "score": "fusechat.implicit.score",
     "train": "fusechat.train",
     "merge": "fusechat.merge",
     "eval": "fusechat.evaluate",
 }
+# Stages of each route: explicit fusion fuses distributions and merges targets, implicit fusion learns from
+# scored answers; train and eval serve both.
+EXPLICIT_ONLY = ("represent", "align", "fuse", "merge")
+IMPLICIT_ONLY = ("sample", "score")
+
+
+def route_stages(cfg: RunConfig) -> list[str]:
+    """The stages of the config's route, in order."""
+    return [s for s in STAGES
+            if not (s in EXPLICIT_ONLY and not cfg.explicit_route)
+            and not (s in IMPLICIT_ONLY and not cfg.implicit_route)
+            and not (s == "prepare" and not cfg.explicit_route)]
 
 
 def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
@@ -103,12 +117,17 @@ def make_ready(cfg: RunConfig) -> None:
 def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> None:
     """One stage of a run whose models and data are ready (`make_ready`)."""
     options = {k: v for k, v in options.items() if v is not None}
+    if stage not in route_stages(cfg):
+        console.print(f"{stage}: not a stage of route {cfg.route!r}, nothing to do")
+        return
+    if stage == "score" and cfg.implicit.score.scorer == "checker":
+        options.setdefault("checker", skill_checker)  # the synthetic skills' checker; core modules know no skill
     importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
 
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:
     """Every stage in order; complete stages skip themselves."""
     make_ready(cfg)
-    for stage in STAGES:
+    for stage in route_stages(cfg):
         console.rule(f"[bold]{stage}")
         run_stage(stage, cfg, force=force)

@@ -24,13 +24,15 @@ from fusechat.config import stable_hash
 from fusechat.errors import FusechatError
 from fusechat.progress import console
 
-STAGES = ("prepare", "represent", "align", "fuse", "train", "merge", "eval")
+STAGES = ("prepare", "represent", "align", "fuse", "sample", "score", "train", "merge", "eval")
 # Folder of each stage's output under the run directory.
 STAGE_DIRS = {
     "prepare": "prepared",
     "represent": "represent",
     "align": "align",
     "fuse": "fuse",
+    "sample": "samples",
+    "score": "scores",
     "train": "targets",
     "merge": "merged",
     "eval": "eval",

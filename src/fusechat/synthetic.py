@@ -7,6 +7,7 @@ nothing and keeps every later stage complete.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from fusechat.config import RunConfig
@@ -22,6 +23,24 @@ def synthetic_problems(cfg: RunConfig) -> list[str]:
     if not unknown:
         return []
     return [f"synthetic.train: unknown skill(s) {', '.join(map(repr, unknown))}; known: {', '.join(ALL_SKILLS)}"]
+
+
+def skill_checker(prompt, response: str) -> float:
+    """Implicit fusion's checker for synthetic conversations: 1.0 for a valid answer to the prompt's
+    `skill` and `key` (the one answer of an exact skill, any answer a distribution skill can give), else 0.0."""
+    skill, key = prompt.meta.get("skill"), prompt.meta.get("key")
+    if skill is None or key is None:
+        missing = "skill" if skill is None else "key"
+        raise ValueError(f"the checker scorer needs the record's `{missing}` field (synthetic conversations "
+                         "have `skill` and `key`); use implicit.score.scorer reward_model or judge for other data")
+    if skill not in ALL_SKILLS:
+        raise ValueError(f"field `skill`: unknown skill {skill!r}; known: {', '.join(ALL_SKILLS)}")
+    return 1.0 if response.strip() in _valid_answers(skill, str(key)) else 0.0
+
+
+@lru_cache(maxsize=4096)
+def _valid_answers(skill: str, key: str) -> frozenset[str]:
+    return frozenset(a.strip() for a, p in ALL_SKILLS[skill].distribution(key) if p > 0)
 
 
 def ensure_synthetic(cfg: RunConfig) -> None:

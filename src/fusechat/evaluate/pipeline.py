@@ -13,7 +13,7 @@ from fusechat.config import RunConfig
 from fusechat.rundir import STAGES, RunDir, read_manifest
 
 # Stage -> folder(s) under the run directory whose manifests carry its elapsed_s.
-_PER_MODEL = {"represent", "align", "fuse", "train", "merge"}
+_PER_MODEL = {"represent", "align", "fuse", "sample", "train", "merge"}
 
 
 def pipeline_summary(cfg: RunConfig) -> dict:
