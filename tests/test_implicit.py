@@ -127,6 +127,23 @@ def test_build_pairs_report_counts_and_leaves_unscored_answers_out():
     assert with_pivot.sft[1]["model"] == "pivot"
 
 
+def test_synthetic_checker_gives_valid_answers_1_and_near_misses_partial_credit():
+    from fusechat.synthetic import skill_checker
+
+    prompt = Prompt(0, "r", "f:1", [{"role": "user", "content": "Reverse the word lomi."}],
+                    {"skill": "reverse", "key": "lomi"})
+    assert skill_checker(prompt, " imol\n") == 1.0
+    assert 0.5 < skill_checker(prompt, "imo") < 1.0
+    assert skill_checker(prompt, "imo") > skill_checker(prompt, "xyzw")
+    described = Prompt(1, "d", "f:2", [], {"skill": "describe", "key": "Tamaro"})
+    from fusechat.zoo.skills import ALL_SKILLS
+
+    answer, _ = ALL_SKILLS["describe"].distribution("Tamaro")[-1]
+    assert skill_checker(described, answer) == 1.0
+    with pytest.raises(ValueError, match="unknown skill 'juggle'"):
+        skill_checker(Prompt(2, "j", "f:3", [], {"skill": "juggle", "key": "x"}), "x")
+
+
 # ---------------------------------------------------------------- the stages
 
 
@@ -143,7 +160,7 @@ def test_sample_and_score_write_answers_scores_and_pairs(tmp_path, tiny_models):
     assert manifest["complete"] and manifest["num_shards"] == 3 and manifest["samples"] == 10
     assert not (run / "samples" / ".src.work").exists()
     scores = read_scores(run / "scores")
-    assert len(scores) == 10 and set(r["score"] for r in scores) <= {0.0, 1.0}
+    assert len(scores) == 10 and all(0 <= r["score"] <= 1 for r in scores)
     report = json.loads((run / "pairs" / "report.json").read_text())
     assert report["prompts"] == 5 and report["answers"] == 10
     assert report["sft"] == len(read_jsonl(run / "pairs" / "sft.jsonl"))
@@ -274,3 +291,27 @@ def test_config_names_unknown_answering_models_and_missing_scorer_settings(tmp_p
         raw["route"] = "sideways"
         path.write_text(yaml.safe_dump(raw))
         load_run(path)
+
+
+def test_the_route_decides_the_targets_and_stages(tmp_path, tiny_models):
+    from fusechat.pipeline import route_stages
+    from fusechat.train.stage import targets
+
+    data = synthetic_data(tmp_path / "t.jsonl", 2)
+    cfg = load_run(implicit_config(tmp_path, tiny_models, data))
+    assert targets(cfg) == ["implicit-sft", "implicit-dpo"]
+    assert route_stages(cfg) == ["sample", "score", "train", "eval"]
+    both = cfg.model_copy(update={"route": "both"})
+    assert targets(both) == ["src", "implicit-sft", "implicit-dpo"]
+    assert route_stages(both) == ["prepare", "represent", "align", "fuse", "sample", "score", "train", "merge",
+                                  "eval"]
+    assert "sample" not in route_stages(cfg.model_copy(update={"route": "explicit"}))
+
+
+def test_implicit_dpo_needs_implicit_sft_first(tmp_path, tiny_models):
+    from fusechat.train import run as train_run
+
+    cfg = load_run(implicit_config(tmp_path, tiny_models, synthetic_data(tmp_path / "t.jsonl", 2)))
+    with pytest.raises(FusechatError, match="no complete implicit-sft target; run `fusechat train CONFIG "
+                                            "--source implicit-sft` first"):
+        train_run(cfg, source="implicit-dpo")

@@ -96,9 +96,10 @@ def train(
     config: ConfigArg,
     set_: SetOpt = None,
     force: ForceOpt = False,
-    source: Annotated[Optional[str], typer.Option(help="Train the target of one source only.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Train one target only: a source's, sft, multi, "
+                                                       "implicit-sft or implicit-dpo.")] = None,
 ) -> None:
-    """Train one target per source from the pivot on the fused distributions."""
+    """Train the targets: one per source on the fused distributions; implicit-sft and implicit-dpo."""
     _stage("train", _load(config, set_), force, source=source)
 
 

@@ -338,7 +338,9 @@ class SampleConfig(Section):
     temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: smallest set of tokens of this mass.")
     max_new_tokens: int = Field(256, gt=0, description="Longest answer, in tokens.")
-    max_prompts: int | None = Field(None, gt=0, description="Use only the first this many prompts of the data.")
+    max_prompts: int | None = Field(
+        None, gt=0, description="Use this many prompts of the data, drawn at random (seeded by `seed`); default all."
+    )
     batch_size: int = Field(8, gt=0, description="Prompts per generate call (each with every sample).")
     shard_size: int = Field(64, gt=0, description="Prompts per shard file: the unit of resume and of data parallelism.")
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -352,7 +354,7 @@ class ScoreConfig(Section):
     """Implicit fusion, score: one number per sampled answer, higher is better."""
 
     scorer: Literal["checker", "reward_model", "judge"] = Field(
-        "checker", description="checker: the synthetic skills' own answer check; reward_model: a sequence "
+        "checker", description="checker: the synthetic skills' own answer check (1 valid, else partial credit); reward_model: a sequence "
         "classifier's score; judge: a chat model's 1-10 rating.",
     )
     reward_model: str | None = Field(None, description="Reward model folder (a sequence classifier, one label).")

@@ -10,6 +10,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from rapidfuzz import fuzz, process
+
 from fusechat.config import RunConfig
 from fusechat.rundir import atomic_write_text
 from fusechat.zoo.skills import ALL_SKILLS, conversations, eval_items
@@ -27,7 +29,9 @@ def synthetic_problems(cfg: RunConfig) -> list[str]:
 
 def skill_checker(prompt, response: str) -> float:
     """Implicit fusion's checker for synthetic conversations: 1.0 for a valid answer to the prompt's
-    `skill` and `key` (the one answer of an exact skill, any answer a distribution skill can give), else 0.0."""
+    `skill` and `key` (the one answer of an exact skill, any answer a distribution skill can give), else
+    the answer's similarity to the closest valid one, below 1 (rapidfuzz's ratio / 100): nearly right
+    beats far off, so answers that are all wrong still rank."""
     skill, key = prompt.meta.get("skill"), prompt.meta.get("key")
     if skill is None or key is None:
         missing = "skill" if skill is None else "key"
@@ -35,12 +39,17 @@ def skill_checker(prompt, response: str) -> float:
                          "have `skill` and `key`); use implicit.score.scorer reward_model or judge for other data")
     if skill not in ALL_SKILLS:
         raise ValueError(f"field `skill`: unknown skill {skill!r}; known: {', '.join(ALL_SKILLS)}")
-    return 1.0 if response.strip() in _valid_answers(skill, str(key)) else 0.0
+    valid = _valid_answers(skill, str(key))
+    answer = response.strip()
+    if answer in valid:
+        return 1.0
+    _, similarity, _ = process.extractOne(answer, valid, scorer=fuzz.ratio)
+    return min(similarity / 100.0, 0.999)
 
 
 @lru_cache(maxsize=4096)
-def _valid_answers(skill: str, key: str) -> frozenset[str]:
-    return frozenset(a.strip() for a, p in ALL_SKILLS[skill].distribution(key) if p > 0)
+def _valid_answers(skill: str, key: str) -> tuple[str, ...]:
+    return tuple(sorted({a.strip() for a, p in ALL_SKILLS[skill].distribution(key) if p > 0}))
 
 
 def ensure_synthetic(cfg: RunConfig) -> None:

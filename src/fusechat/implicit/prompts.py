@@ -6,7 +6,8 @@ conversation's ``skill`` and ``key``, say), which scorers may read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fusechat.config import RunConfig
@@ -31,8 +32,8 @@ class Prompt:
 
 
 def load_prompts(cfg: RunConfig) -> list[Prompt]:
-    """Every prompt of the run's data, in file order (the first ``implicit.sample.max_prompts``)."""
-    limit = cfg.implicit.sample.max_prompts
+    """The prompts of the run's data, in file order: all of them, or ``implicit.sample.max_prompts`` drawn
+    at random (seeded by ``implicit.sample.seed``)."""
     prompts: list[Prompt] = []
     bad: list[BadRecord] = []
     index = 0
@@ -54,9 +55,15 @@ def load_prompts(cfg: RunConfig) -> list[Prompt]:
             meta = {k: v for k, v in record.items()
                     if k not in ("id", "conversations", "messages") and isinstance(v, (str, int, float, bool))}
             prompts.append(Prompt(len(prompts), conv.id, where, turns[:last], meta))
-            if limit is not None and len(prompts) >= limit:
-                return _checked(cfg, prompts, bad)
-    return _checked(cfg, prompts, bad)
+    return _subset(cfg, _checked(cfg, prompts, bad))
+
+
+def _subset(cfg: RunConfig, prompts: list[Prompt]) -> list[Prompt]:
+    s = cfg.implicit.sample
+    if s.max_prompts is None or s.max_prompts >= len(prompts):
+        return prompts
+    keep = sorted(random.Random(f"prompts:{s.seed}").sample(range(len(prompts)), s.max_prompts))
+    return [replace(prompts[i], seq=n) for n, i in enumerate(keep)]
 
 
 def _checked(cfg: RunConfig, prompts: list[Prompt], bad: list[BadRecord]) -> list[Prompt]:
@@ -74,4 +81,4 @@ def prompts_fingerprint(cfg: RunConfig) -> str:
     """What the prompts are made from: the data files and the settings that read them."""
     inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
     return inputs_fingerprint({"data": cfg.section_hash("data"), "inputs": inputs,
-                               "max_prompts": cfg.implicit.sample.max_prompts})
+                               "max_prompts": cfg.implicit.sample.max_prompts, "seed": cfg.implicit.sample.seed})
