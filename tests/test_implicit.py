@@ -144,6 +144,18 @@ def test_synthetic_checker_gives_valid_answers_1_and_near_misses_partial_credit(
         skill_checker(Prompt(2, "j", "f:3", [], {"skill": "juggle", "key": "x"}), "x")
 
 
+def test_judge_ratings_are_read_from_the_reply_and_missing_ones_are_nan():
+    from fusechat.implicit.scorers import judge_messages, parse_rating
+
+    assert parse_rating("Clear and right. Rating: [[8]]") == 8.0
+    assert parse_rating("[[3]] at first, then Rating: [[ 7.5 ]]") == 7.5
+    assert math.isnan(parse_rating("no rating here")) and math.isnan(parse_rating(RuntimeError("timeout")))
+    prompt = Prompt(0, "p", "f:1", [{"role": "user", "content": "Reverse the word lomi."}])
+    system, user = judge_messages(prompt, "imol")
+    assert system["role"] == "system" and "user: Reverse the word lomi." in user["content"]
+    assert "[Answer]\nimol" in user["content"] and "Rating: [[5]]" in user["content"]
+
+
 # ---------------------------------------------------------------- the stages
 
 
@@ -236,14 +248,20 @@ def test_score_needs_the_samples_first(tmp_path, tiny_models):
 
 
 def test_reward_model_must_be_a_sequence_classifier(tmp_path, tiny_models):
+    from fusechat.config import ScoreConfig
+    from fusechat.implicit.scorers import make_scorer
+
     data = synthetic_data(tmp_path / "t.jsonl", 2)
-    cfg = load_run(implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]},
-                                   score={"scorer": "reward_model", "reward_model": str(tiny_models / "pivot")}))
-    make_ready(cfg)
-    run_stage("sample", cfg)
-    with pytest.raises(FusechatError, match=r"implicit.score.reward_model: .*pivot is not a sequence classifier "
-                                            r"\(config.json architectures: \['LlamaForCausalLM'\]\)"):
-        run_stage("score", cfg)
+    path = implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]},
+                           score={"scorer": "reward_model", "reward_model": str(tiny_models / "pivot")})
+    with pytest.raises(ConfigError, match=r"implicit.score.reward_model: .*pivot is not a sequence classifier "
+                                          r"\(config.json architectures: \['LlamaForCausalLM'\]\)"):
+        load_run(path)
+    settings = ScoreConfig(scorer="reward_model", reward_model=str(tiny_models / "pivot"))
+    with pytest.raises(FusechatError, match=r"implicit.score.reward_model: .*not a sequence classifier"):
+        make_scorer(settings, None)
+    with pytest.raises(FusechatError, match=r"reward model folder not found: .*nowhere"):
+        make_scorer(ScoreConfig(scorer="reward_model", reward_model=str(tmp_path / "nowhere")), None)
 
 
 def test_a_one_label_classifier_scores_as_reward_model(tmp_path, tiny_models):

@@ -20,7 +20,7 @@ from fusechat.model_sources import (
     zoo_problem,
     zoo_skills,
 )
-from fusechat.models import model_path_problem
+from fusechat.models import model_path_problem, reward_model_problem
 from fusechat.progress import console
 from fusechat.rundir import STAGES, RunDir
 from fusechat.synthetic import ensure_synthetic, skill_checker, synthetic_problems
@@ -94,6 +94,11 @@ def run_problems(cfg: RunConfig) -> list[str]:
             problem, field = model_path_problem(m.path), "path"
         if problem:
             problems.append(f"{where}.{field}: {problem}")
+    score = cfg.implicit.score
+    if cfg.implicit_route and score.scorer == "reward_model":
+        problem = reward_model_problem(score.reward_model)
+        if problem:
+            problems.append(f"implicit.score.reward_model: {problem}")
     return problems
 
 

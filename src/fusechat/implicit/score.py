@@ -22,8 +22,9 @@ from fusechat.errors import FusechatError
 from fusechat.implicit.pairs import Candidate, build_pairs, format_report
 from fusechat.implicit.prompts import load_prompts
 from fusechat.implicit.sample import read_samples, sample_models
-from fusechat.implicit.scorers import Checker, make_scorer, reward_model_problem
+from fusechat.implicit.scorers import Checker, make_scorer
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
+from fusechat.models import reward_model_problem
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
     RunDir,

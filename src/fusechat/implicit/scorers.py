@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -23,7 +22,15 @@ from fusechat.evaluate.metrics import ChatEncoder, pad_batch
 from fusechat.evaluate.mtbench.endpoint import EndpointJudge
 from fusechat.evaluate.mtbench.judge import LocalJudge
 from fusechat.implicit.prompts import Prompt
-from fusechat.models import TORCH_DTYPES, check_weights, device_map_for, load_causal_lm, load_tokenizer, row_spec
+from fusechat.models import (
+    TORCH_DTYPES,
+    check_weights,
+    device_map_for,
+    load_causal_lm,
+    load_tokenizer,
+    reward_model_problem,
+    row_spec,
+)
 
 Checker = Callable[[Prompt, str], float]  # raises ValueError naming the field it could not use
 
@@ -50,27 +57,6 @@ class CheckerScorer:
 
     def close(self) -> None:
         pass
-
-
-def reward_model_problem(folder: str) -> str | None:
-    """Why ``folder`` is not a reward model fusechat can use (a sequence classifier with one label), or None."""
-    config_file = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
-        return f"reward model folder not found: {folder}"
-    if not config_file.is_file():
-        return f"{folder} has no config.json; it is not a Hugging Face model folder"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{config_file} is not valid JSON ({e})"
-    archs = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        return (f"{folder} is not a sequence classifier (config.json architectures: {archs or 'none'}); "
-                "implicit.score.reward_model needs a *ForSequenceClassification model with one label")
-    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
-    if labels != 1:
-        return f"{folder} is a sequence classifier with {labels} labels; a reward model has one (num_labels: 1)"
-    return None
 
 
 class RewardModelScorer:
