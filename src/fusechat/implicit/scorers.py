@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 from fusechat.config import ScoreConfig
 from fusechat.errors import DataError, FusechatError
