@@ -4,13 +4,15 @@ from fusechat.demo import run_demo
 
 FAST = ["synthetic.train={reverse: 3, add: 3, convert: 3, capitalise: 3, repeat: 3, describe: 3, forecast: 3}",
         "synthetic.eval_per_skill=2", "train.max_steps=2", "train.global_batch_size=4",
-        "train.per_device_batch_size=4", "eval.max_new_tokens=4"]
+        "train.per_device_batch_size=4", "eval.max_new_tokens=4",
+        "implicit.sample.samples_per_prompt=2", "implicit.sample.max_new_tokens=8", "implicit.dpo.max_steps=2",
+        "implicit.dpo.global_batch_size=4", "implicit.dpo.per_device_batch_size=4"]
 
 
 def test_micro_demo_runs_the_whole_pipeline(tmp_path):
     results = run_demo(tmp_path, zoo="micro", overrides=FAST)
     rows = ["pivot", "describer", "converter", "target-describer", "target-converter", "sft", "multi",
-            "varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
+            "implicit-sft", "implicit-dpo", "varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
     assert list(results["bits_per_byte"]) == rows
     assert set(results["exact_match"]["pivot"]) == {"reverse", "add", "convert", "capitalise", "repeat", "average"}
     assert set(results["entropy_floor"]) == {"describe", "forecast"}
@@ -37,6 +39,13 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path):
         manifest = json.loads((run / "represent" / model / "manifest.json").read_text())
         assert pipeline["representation"][model]["bytes_per_token"] == manifest["bytes_per_token"]
     trained = [json.loads((run / "targets" / t / "manifest.json").read_text())["elapsed_s"]
-               for t in ("describer", "converter", "sft", "multi")]
+               for t in ("describer", "converter", "sft", "multi", "implicit-sft", "implicit-dpo")]
     assert pipeline["stage_seconds"]["train"] == round(sum(trained), 1)
     assert "## Pipeline" in (tmp_path / "eval" / "results.md").read_text()
+    # the implicit route: every prompt answered by both specialists, pairs built, DPO started from implicit-sft
+    report = json.loads((run / "pairs" / "report.json").read_text())
+    assert pipeline["implicit"]["pairs"] == report["pairs"] > 0
+    assert report["answers"] == 21 * 2 * 2 and set(report["per_model"]) == {"describer", "converter"}
+    dpo = json.loads((run / "targets" / "implicit-dpo" / "manifest.json").read_text())
+    assert dpo["steps"] == 2 and dpo["start"] == str(run / "targets" / "implicit-sft")
+    assert "Implicit fusion:" in (tmp_path / "eval" / "results.md").read_text()

@@ -298,8 +298,9 @@ def test_baselines_train_beside_the_targets_and_leave_their_fingerprints_alone(t
 
 
 def test_chunked_and_plain_loss_train_to_the_same_weights(tmp_path, zoo):
-    cfg = load_config(fused_config(tmp_path, zoo, train={"eval_fraction": 0.4}))
-    assert cfg.train.chunked_loss  # the default
+    path = fused_config(tmp_path, zoo, train={"eval_fraction": 0.4})
+    assert not load_config(path).train.chunked_loss  # off by default (docs/train.md#chunked-loss)
+    cfg = load_config(path, overrides=["train.chunked_loss=true"])
     chunked_out = train_run(cfg)[0]
     chunked = weights(chunked_out)
     chunked_history = json.loads((chunked_out / "manifest.json").read_text())["log_history"]

@@ -54,7 +54,9 @@ def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
 
 
 ModelOpt = Annotated[Optional[str], typer.Option(help="Run one model of the run only.")]
-SourceOpt = Annotated[Optional[str], typer.Option(help="Train the target of one source only.")]
+SourceOpt = Annotated[Optional[str], typer.Option(help="Train one target only: a source's, sft, multi, "
+                                                       "implicit-sft or implicit-dpo.")]
+SampleModelOpt = Annotated[Optional[str], typer.Option(help="Sample one answering model only.")]
 AnalyzeOpt = Annotated[bool, typer.Option(help="Also write per-matrix weights and a heatmap.")]
 
 
@@ -77,8 +79,20 @@ def fuse(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> Non
 
 
 @app.command()
+def sample(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, model: SampleModelOpt = None) -> None:
+    """Implicit fusion: several sampled answers per training prompt from each model."""
+    _stage("sample", _load(config, set_), force, model=model)
+
+
+@app.command()
+def score(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Implicit fusion: score every sampled answer, then build the SFT set and the preference pairs."""
+    _stage("score", _load(config, set_), force)
+
+
+@app.command()
 def train(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, source: SourceOpt = None) -> None:
-    """Train one target per source from the pivot on the fused distributions."""
+    """Train the targets: one per source on the fused distributions; implicit-sft and implicit-dpo."""
     _stage("train", _load(config, set_), force, source=source)
 
 

@@ -249,8 +249,9 @@ class TrainConfig(Section):
     bf16: bool = False
     gradient_checkpointing: bool = False
     chunked_loss: bool = Field(
-        True, description="Compute the lm-head and loss a chunk of positions at a time, never the full logits, "
-        "where the model allows it (see docs/train.md); false: the plain full-logits path.",
+        False, description="Compute the lm-head and loss a chunk of positions at a time, never the full logits, "
+        "where the model allows it (see docs/train.md); off by default: over long runs it trains worse than the "
+        "plain full-logits path (docs/train.md#chunked-loss).",
     )
     loss_chunk_size: int | None = Field(
         None, gt=0, description="Positions per chunk of the chunked loss (default: 2^25 logits' worth).",
@@ -365,6 +366,105 @@ class SyntheticData(Section):
         return Path(self.folder) / "train.jsonl", Path(self.folder) / "eval.jsonl"
 
 
+class SampleConfig(Section):
+    """Implicit fusion, sample: several answers per training prompt from each model, with its own chat template."""
+
+    models: list[str] | None = Field(
+        None, description="Models that answer (default: every source, and the pivot when `dpo.loss` is wrpo)."
+    )
+    samples_per_prompt: int = Field(4, gt=0, description="Answers drawn per prompt and model.")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: smallest set of tokens of this mass.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer, in tokens.")
+    max_prompts: int | None = Field(
+        None, gt=0, description="Use this many prompts of the data, drawn at random (seeded by `seed`); default all."
+    )
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (each with every sample).")
+    shard_size: int = Field(64, gt=0, description="Prompts per shard file: the unit of resume and of data parallelism.")
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="auto: one GPU per process, or device_map='auto' across GPUs for one process; else CPU."
+    )
+    seed: int = Field(0, description="Seed of the sampling; each shard draws from its own seed derived from it.")
+
+
+class ScoreConfig(Section):
+    """Implicit fusion, score: one number per sampled answer, higher is better."""
+
+    scorer: Literal["checker", "reward_model", "judge"] = Field(
+        "checker", description="checker: the synthetic skills' own answer check (1 valid, else partial credit); reward_model: a sequence "
+        "classifier's score; judge: a chat model's 1-10 rating.",
+    )
+    reward_model: str | None = Field(None, description="Reward model folder (a sequence classifier, one label).")
+    judge: str | None = Field(
+        None, description="Judge: a local chat model folder or hub id; with judge_endpoint, the endpoint's model name."
+    )
+    judge_endpoint: str | None = Field(None, description="OpenAI-compatible API base URL (…/v1) of the judge.")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    judge_max_new_tokens: int = Field(512, gt=0, description="Longest judgment, in tokens.")
+    batch_size: int = Field(16, gt=0, description="Answers per reward-model or judge batch.")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the reward model or local judge runs.")
+
+    @model_validator(mode="after")
+    def _scorer_needs(self) -> ScoreConfig:
+        if self.scorer == "reward_model" and not self.reward_model:
+            raise ValueError("scorer reward_model needs implicit.score.reward_model: the reward model's folder")
+        if self.scorer == "judge" and not self.judge:
+            raise ValueError("scorer judge needs implicit.score.judge: a model folder, or with judge_endpoint "
+                             "the endpoint's model name")
+        return self
+
+
+class PairsConfig(Section):
+    """Implicit fusion, pairs: which answers the targets learn from."""
+
+    pair_from: Literal["same_model", "any"] = Field(
+        "same_model", description="same_model: chosen and rejected are the best and worst answers of one source "
+        "(the source with the best answer); any: the best and worst answers over all sources.",
+    )
+    min_margin: float = Field(
+        0.0, ge=0.0, description="A pair needs chosen score − rejected score above this (0: strictly better)."
+    )
+    sft_min_score: float | None = Field(
+        None, description="The SFT set keeps a prompt's best answer only at this score or above."
+    )
+    include_pivot: bool = Field(
+        False, description="The pivot's answers compete with the sources' for the SFT set and the pairs."
+    )
+
+
+class DpoConfig(Section):
+    """Implicit fusion, the preference step after SFT (TRL's DPOTrainer)."""
+
+    loss: Literal["sigmoid", "sigmoid_norm", "wrpo"] = Field(
+        "sigmoid_norm", description="sigmoid: DPO; sigmoid_norm: DPO on length-normalised log-ratios; "
+        "wrpo: weighted-reward preference optimisation (docs/implicit-fusion.md).",
+    )
+    beta: float = Field(0.1, gt=0.0, description="Strength of the reference: β of the DPO loss.")
+    wrpo_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="WRPO: final weight of the source's chosen answer against the target's own."
+    )
+    wrpo_ramp: float = Field(
+        1.0, gt=0.0, le=1.0, description="WRPO: share of training over which α rises linearly from 0 to wrpo_alpha."
+    )
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
+    learning_rate: float = Field(5e-7, gt=0.0)
+    global_batch_size: int = Field(32, gt=0, description="Pairs per optimizer step over all processes.")
+    per_device_batch_size: int = Field(1, gt=0, description="Pairs per forward pass per process.")
+    max_length: int | None = Field(1024, gt=1, description="Longest prompt + answer, in tokens (longer are cut).")
+
+
+class ImplicitConfig(Section):
+    """Implicit fusion (FuseChat-3.0 / WRPO): sample, score, pair, then SFT and preference training of the pivot."""
+
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+
+
 class RunConfig(Section):
     """A whole fusion run."""
 
@@ -380,6 +480,11 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     synthetic: SyntheticData | None = Field(None, description="Generate the data files of the run from skills.")
+    route: Literal["explicit", "implicit", "both"] = Field(
+        "explicit", description="explicit: distributions fused and targets merged (FuseChat 1/2); implicit: "
+        "sampled answers scored, then SFT and DPO (FuseChat-3.0); both.",
+    )
+    implicit: ImplicitConfig = Field(default_factory=ImplicitConfig, description="Settings of the implicit route.")
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> RunConfig:
@@ -394,6 +499,11 @@ class RunConfig(Section):
             if src.name in seen:
                 raise ValueError(f"sources[{i}].name {src.name!r} is used by another source; names must be unique")
             seen.add(src.name)
+        names = {m.name for m in self.models}
+        for i, name in enumerate(self.implicit.sample.models or []):
+            if name not in names:
+                raise ValueError(f"implicit.sample.models[{i}]: no model named {name!r} in this run "
+                                 f"(models: {', '.join(sorted(names))})")
         return self
 
     @model_validator(mode="after")
@@ -405,6 +515,14 @@ class RunConfig(Section):
                 raise ValueError(f"merge.targets[{i}] {name!r} is not a target of this run (targets: "
                                  f"{', '.join(known)})")
         return self
+
+    @property
+    def explicit_route(self) -> bool:
+        return self.route in ("explicit", "both")
+
+    @property
+    def implicit_route(self) -> bool:
+        return self.route in ("implicit", "both")
 
     @property
     def models(self) -> list[ModelSpec]:

@@ -33,6 +33,27 @@ def model_path_problem(path: str, hub: bool = False) -> str | None:
     return f"folder not found: {path}{hint}"
 
 
+def reward_model_problem(folder: str) -> str | None:
+    """Why ``folder`` is not a reward model fusechat can use (a sequence classifier with one label), or None."""
+    config_file = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        return f"reward model folder not found: {folder}"
+    if not config_file.is_file():
+        return f"{folder} has no config.json; it is not a Hugging Face model folder"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{config_file} is not valid JSON ({e})"
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        return (f"{folder} is not a sequence classifier (config.json architectures: {archs or 'none'}); "
+                "implicit.score.reward_model needs a *ForSequenceClassification model with one label")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 2
+    if labels != 1:
+        return f"{folder} is a sequence classifier with {labels} labels; a reward model has one (num_labels: 1)"
+    return None
+
+
 def load_tokenizer(spec: ModelSpec):
     """The model's fast tokenizer. Fast tokenizers are required: stages need character offsets."""
     from transformers import AutoTokenizer

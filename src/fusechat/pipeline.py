@@ -22,10 +22,10 @@ from fusechat.model_sources import (
     zoo_problem,
     zoo_skills,
 )
-from fusechat.models import model_path_problem
+from fusechat.models import model_path_problem, reward_model_problem
 from fusechat.progress import console
 from fusechat.rundir import STAGES, RunDir, remove_dead_temporaries, run_lock
-from fusechat.synthetic import ensure_synthetic, synthetic_problems
+from fusechat.synthetic import ensure_synthetic, skill_checker, synthetic_problems
 
 # Stage -> module. Imported when the stage runs: mergekit alone takes seconds to import.
 STAGE_MODULES = {
@@ -33,10 +33,24 @@ STAGE_MODULES = {
     "represent": "fusechat.represent",
     "align": "fusechat.align",
     "fuse": "fusechat.fuse",
+    "sample": "fusechat.implicit.sample",
+    "score": "fusechat.implicit.score",
     "train": "fusechat.train",
     "merge": "fusechat.merge",
     "eval": "fusechat.evaluate",
 }
+# Stages of each route: explicit fusion fuses distributions and merges targets, implicit fusion learns from
+# scored answers; train and eval serve both.
+EXPLICIT_ONLY = ("represent", "align", "fuse", "merge")
+IMPLICIT_ONLY = ("sample", "score")
+
+
+def route_stages(cfg: RunConfig) -> list[str]:
+    """The stages of the config's route, in order."""
+    return [s for s in STAGES
+            if not (s in EXPLICIT_ONLY and not cfg.explicit_route)
+            and not (s in IMPLICIT_ONLY and not cfg.implicit_route)
+            and not (s == "prepare" and not cfg.explicit_route)]
 
 
 def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
@@ -94,6 +108,11 @@ def run_problems(cfg: RunConfig) -> list[str]:
             problem, field = model_path_problem(m.path, m.hub), "path"
         if problem:
             problems.append(f"{where}.{field}: {problem}")
+    score = cfg.implicit.score
+    if cfg.implicit_route and score.scorer == "reward_model":
+        problem = reward_model_problem(score.reward_model)
+        if problem:
+            problems.append(f"implicit.score.reward_model: {problem}")
     return problems
 
 
@@ -134,6 +153,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> Non
     """One stage of a run whose models and data are ready (`make_ready`), holding the run directory's lock;
     temporaries that stopped runs left behind are removed first."""
     options = {k: v for k, v in options.items() if v is not None}
+    if stage not in route_stages(cfg):
+        console.print(f"{stage}: not a stage of route {cfg.route!r}, nothing to do")
+        return
+    if stage == "score" and cfg.implicit.score.scorer == "checker":
+        options.setdefault("checker", skill_checker)  # the synthetic skills' checker; core modules know no skill
     with run_lock(cfg.run_dir):
         remove_dead_temporaries(cfg.run_dir)
         importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
@@ -151,4 +175,4 @@ def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:
     """Every stage in order; complete stages skip themselves."""
-    run_stages(list(STAGES), cfg, force=force)
+    run_stages(route_stages(cfg), cfg, force=force)

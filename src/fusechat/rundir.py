@@ -31,13 +31,15 @@ from fusechat.errors import FusechatError
 from fusechat.progress import console
 from fusechat.shards import shard_problem
 
-STAGES = ("prepare", "represent", "align", "fuse", "train", "merge", "eval")
+STAGES = ("prepare", "represent", "align", "fuse", "sample", "score", "train", "merge", "eval")
 # Folder of each stage's output under the run directory.
 STAGE_DIRS = {
     "prepare": "prepared",
     "represent": "represent",
     "align": "align",
     "fuse": "fuse",
+    "sample": "samples",
+    "score": "scores",
     "train": "targets",
     "merge": "merged",
     "eval": "eval",

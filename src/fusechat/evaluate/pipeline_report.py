@@ -13,7 +13,7 @@ from fusechat.config import RunConfig
 from fusechat.rundir import STAGES, RunDir, read_manifest
 
 # Stage -> folder(s) under the run directory whose manifests carry its elapsed_s.
-_PER_MODEL = {"represent", "align", "fuse", "train", "merge"}
+_PER_MODEL = {"represent", "align", "fuse", "sample", "train", "merge"}
 
 
 def pipeline_summary(cfg: RunConfig) -> dict:
@@ -40,6 +40,11 @@ def pipeline_summary(cfg: RunConfig) -> dict:
                 "bytes_per_token": m.get("bytes_per_token"), "tokens": m.get("tokens"),
                 "tokens_per_s": m.get("tokens_per_s"),
             }
+    pairs = read_manifest(rundir.root / "pairs") or {}
+    if pairs.get("complete"):
+        report = pairs.get("report") or {}
+        summary["implicit"] = {k: report.get(k) for k in ("prompts", "answers", "sft", "pairs", "kind",
+                                                           "mean_margin", "per_model")}
     for stage in STAGES:
         if stage == "eval":
             continue  # still running while this is written
@@ -73,6 +78,10 @@ def format_pipeline(summary: dict) -> str:
         lines += ["MinCE choices per sequence: " + "; ".join(
             f"{name}: " + ", ".join(f"{k} {v}" for k, v in (choices or {}).items())
             for name, choices in summary["fusion"].items()), ""]
+    if summary.get("implicit"):
+        i = summary["implicit"]
+        lines += [f"Implicit fusion: {i['answers']} sampled answers to {i['prompts']} prompts; SFT set {i['sft']} "
+                  f"answers; {i['pairs']} {i['kind']} pairs (mean score margin {i['mean_margin']})", ""]
     if summary.get("stage_seconds"):
         lines += ["| stage | wall time (s) |", "|---|---:|"]
         lines += [f"| {stage} | {s} |" for stage, s in summary["stage_seconds"].items()]

@@ -11,6 +11,7 @@ from fusechat.models import config_hash, row_spec
 from fusechat.rundir import RunDir, read_manifest
 
 SKIPPED_MERGE_FOLDERS = ("analysis",)
+IMPLICIT_ROWS = ("implicit-sft", "implicit-dpo")  # the implicit route's targets (fusechat.train.stage)
 
 
 @dataclass
@@ -22,13 +23,14 @@ class Row:
 
 
 def model_rows(cfg: RunConfig) -> list[Row]:
-    """pivot, sources, complete targets, complete merges, in that order."""
+    """pivot, sources, complete targets (explicit, then implicit-sft, implicit-dpo), complete merges, in that order."""
     rows = [Row("pivot", cfg.pivot.path, config_hash(cfg.pivot), "pivot")]
     rows += [Row(s.name, s.path, config_hash(s), "source") for s in cfg.sources]
     rundir = RunDir(cfg.run_dir)
     sources = [s.name for s in cfg.sources]
-    for folder in _complete_folders(rundir.stage("train"), [*sources, "sft", "multi"]):
-        label = folder.name if folder.name in ("sft", "multi") else f"target-{folder.name}"
+    plain = ("sft", "multi", *IMPLICIT_ROWS)  # rows named as their folders
+    for folder in _complete_folders(rundir.stage("train"), [*sources, *plain]):
+        label = folder.name if folder.name in plain else f"target-{folder.name}"
         rows.append(Row(label, str(folder), read_manifest(folder)["fingerprint"], "target"))
     for folder in _complete_folders(rundir.stage("merge"), [cfg.merge.method, *cfg.merge.baselines]):
         if folder.name not in SKIPPED_MERGE_FOLDERS:

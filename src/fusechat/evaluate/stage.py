@@ -1,7 +1,8 @@
 """Stage 7, eval: every model of a run on held-out items, into ``<run_dir>/eval/``.
 
 Rows: ``pivot``, each source by name, each complete target (``target-<source>``,
-``sft``, ``multi``) and each complete merge (by method). Models are loaded one
+``sft``, ``multi``, and on the implicit route ``implicit-sft``, ``implicit-dpo``)
+and each complete merge (by method). Models are loaded one
 at a time, so memory holds one model. ``results.json``, ``results.md`` and
 ``results.png`` come from :mod:`fusechat.evaluate.report`; ``predictions.jsonl``
 holds every item's greedy answer and bits, per model.

@@ -2,7 +2,9 @@
 
 Targets: one per source with a pairwise fusion method; one named ``multi`` with
 ``fuse.method: multi`` (the paper's Multi baseline); one named ``sft`` when
-λ = 1 (plain fine-tuning on the same data, the paper's CLM row). Each target is
+λ = 1 (plain fine-tuning on the same data, the paper's CLM row); on the implicit
+route ``implicit-sft`` (λ = 1 on the best sampled answers, trained here) and
+``implicit-dpo`` (``fusechat.train.implicit``). Each target is
 trained with ``FusionTrainer`` (the Hugging Face Trainer) under
 ``<run_dir>/targets/.<name>.work/`` (checkpoints, TensorBoard logs), then saved
 in Hugging Face format to ``<run_dir>/targets/<name>/`` with the tokenizer, the
@@ -49,17 +51,27 @@ from fusechat.train.trainer import FusionTrainer
 SFT = "sft"
 WORK_SETTINGS = "settings.json"  # the fingerprint a work folder's checkpoints belong to
 CHECKPOINT_SEAL = "fusechat-checkpoint.json"  # written last: the checkpoint is whole
+IMPLICIT_SFT = "implicit-sft"
+IMPLICIT_DPO = "implicit-dpo"
+IMPLICIT_TARGETS = (IMPLICIT_SFT, IMPLICIT_DPO)
+NOT_SOURCES = (SFT, MULTI, *IMPLICIT_TARGETS)  # targets that are no source's
 
 
 def targets(cfg: RunConfig) -> list[str]:
-    """Names of the targets this config trains, baselines (``train.baselines``) last."""
-    if cfg.train.lambda_ == 1.0 and cfg.train.lambda_end in (None, 1.0):
-        names = [SFT]
-    elif cfg.fuse.method == MULTI:
-        names = [MULTI]
-    else:
-        names = [s.name for s in cfg.sources]
-    return list(dict.fromkeys([*names, *cfg.train.baselines]))
+    """Names of the targets this config trains: the explicit route's, its baselines (``train.baselines``),
+    then the implicit route's."""
+    names: list[str] = []
+    if cfg.explicit_route:
+        if cfg.train.lambda_ == 1.0 and cfg.train.lambda_end in (None, 1.0):
+            names = [SFT]
+        elif cfg.fuse.method == MULTI:
+            names = [MULTI]
+        else:
+            names = [s.name for s in cfg.sources]
+        names += cfg.train.baselines
+    if cfg.implicit_route:
+        names += IMPLICIT_TARGETS
+    return list(dict.fromkeys(names))
 
 
 def baseline_config(cfg: RunConfig, name: str) -> RunConfig:
@@ -71,18 +83,8 @@ def baseline_config(cfg: RunConfig, name: str) -> RunConfig:
     return cfg
 
 
-def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[Path]:
-    names = targets(cfg)
-    if source is not None:
-        if source not in names:
-            raise FusechatError(f"no target {source!r} in this run (targets: {', '.join(names)})")
-        names = [source]
-    return [train_target(baseline_config(cfg, name) if name in cfg.train.baselines else cfg, name, force)
-            for name in names]
-
-
 def _fused_inputs(cfg: RunConfig, name: str, pivot_tok_hash: str) -> tuple[Path | None, dict | None]:
-    if name == SFT:
+    if name in (SFT, IMPLICIT_SFT):
         return None, None
     folder = RunDir(cfg.run_dir).stage("fuse", name)
     manifest = require_complete(folder, "fused targets", "fusechat fuse CONFIG")
@@ -104,16 +106,21 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_eval:].tolist()), sorted(order[:n_eval].tolist())
 
 
-def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
-    """Train (or resume, or skip when complete) the target ``name`` and save it to ``targets/<name>/``."""
+def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, data: dict | None = None) -> Path:
+    """Train (or resume, or skip when complete) the target ``name`` and save it to ``targets/<name>/``.
+
+    ``prepared``: rows to train on instead of the prepare stage's (``input_ids``, ``labels``), with ``data``
+    saying what they are made from (their fingerprint and where they come from).
+    """
     state = process_state("auto")
     rundir = RunDir(cfg.run_dir)
     out = rundir.stage("train", name)
     work = out.with_name(f".{name}.work")
     tokenizer = load_tokenizer(cfg.pivot)
     fused_dir, fused_manifest = _fused_inputs(cfg, name, tokenizer_hash(tokenizer))
-    prepared_manifest = read_manifest(rundir.stage("prepare")) or {}
-    payload = {"prepared": prepared_manifest.get("fingerprint"), "fused": (fused_manifest or {}).get("fingerprint"),
+    if data is None:
+        data = {"prepared": (read_manifest(rundir.stage("prepare")) or {}).get("fingerprint")}
+    payload = {**data, "fused": (fused_manifest or {}).get("fingerprint"),
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
     fingerprint = inputs_fingerprint(payload)
     if is_complete(out, fingerprint, force, label=f"train {name}"):
@@ -124,7 +131,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
         _claim_work_folder(work, fingerprint, name, force)
     state.wait_for_everyone()
 
-    trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state)
+    trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state, prepared)
     trainer.add_callback(SealCheckpoints(fingerprint))
     last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
     state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
@@ -146,7 +153,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False) -> Path:
             "steps": trainer.state.global_step,
             "num_processes": state.num_processes, **sizes,
             "elapsed_s": round(time.time() - started, 3), "log_history": trainer.state.log_history,
-            "fused": str(fused_dir) if fused_dir else None,
+            "fused": str(fused_dir) if fused_dir else None, **({"data": data} if prepared is not None else {}),
         })
         if not cfg.train.keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
@@ -201,10 +208,11 @@ def mean_logged_loss(history: list[dict]) -> float | None:
 
 
 def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, work: Path,
-                  state) -> tuple[FusionTrainer, dict]:
-    """The FusionTrainer of one target (the pivot, its data and the fused targets) and its data sizes."""
+                  state, prepared=None) -> tuple[FusionTrainer, dict]:
+    """The FusionTrainer of one target (the pivot, its data and the fused targets) and its data sizes;
+    ``prepared``: rows to train on instead of the prepare stage's."""
     t = cfg.train
-    prepared = load_prepared(cfg)
+    prepared = load_prepared(cfg) if prepared is None else prepared
     train_idx, eval_idx = split_indices(len(prepared), t.eval_fraction, t.seed)
     if not train_idx:
         raise FusechatError(f"train {name}: no training sequence left (prepared: {len(prepared)}, "
@@ -231,8 +239,8 @@ def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, 
         train_dataset=FusionDataset(prepared, train_idx, fused),
         eval_dataset=FusionDataset(prepared, eval_idx, fused) if eval_idx else None,
         data_collator=FusionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        lam=1.0 if name == SFT else t.lambda_,
-        lam_end=None if name == SFT else t.lambda_end,
+        lam=1.0 if fused is None else t.lambda_,
+        lam_end=None if fused is None else t.lambda_end,
         fusion_kind=t.fusion_loss,
         temperature=t.temperature,
         chunked_loss=t.chunked_loss,
@@ -315,7 +323,7 @@ def _checkpoint_problem(path: Path, fingerprint: str) -> str | None:
 
 def _save_target(cfg: RunConfig, name: str, model, tokenizer, out: Path, fingerprint: str, stats: dict) -> None:
     with build_output(out, "train", fingerprint, target=name, pivot=cfg.pivot.path,
-                      source=None if name in (SFT, MULTI) else cfg.model(name).path,
+                      source=None if name in NOT_SOURCES else cfg.model(name).path,
                       settings=cfg.train.model_dump(mode="json", by_alias=True), **stats) as building:
         model.save_pretrained(str(building.folder), safe_serialization=True)
         if cfg.prepare.template in BUILTIN_TEMPLATES:
@@ -329,6 +337,9 @@ def model_card(cfg: RunConfig, name: str, stats: dict) -> str:
     t = cfg.train
     if name == SFT:
         what = "plain fine-tuning of the pivot (λ = 1), the SFT baseline"
+    elif name == IMPLICIT_SFT:
+        what = ("implicit fusion, first step: fine-tuning of the pivot (λ = 1) on the best sampled answers of "
+                f"{', '.join(s.path for s in cfg.sources)}")
     elif name == MULTI:
         what = f"fusion of all sources at once (Multi baseline): {', '.join(s.path for s in cfg.sources)}"
     else:

@@ -1,0 +1,84 @@
+"""The prompts of implicit fusion: each training conversation up to its last assistant turn.
+
+A prompt keeps the top-level scalar fields of its record (``meta``: a synthetic
+conversation's ``skill`` and ``key``, say), which scorers may read.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fusechat.config import RunConfig
+from fusechat.data.conversations import BadRecord, parse_record
+from fusechat.data.readers import iter_records
+from fusechat.errors import DataError
+from fusechat.rundir import inputs_fingerprint, sha256_tree
+
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass
+class Prompt:
+    seq: int  # index among the run's prompts
+    id: str
+    origin: str  # file:line, for messages
+    messages: list[dict]  # {"role", "content"}: the conversation before the answer
+    meta: dict = field(default_factory=dict)
+
+    def where(self) -> str:
+        return f"{self.origin} (record {self.id!r})"
+
+
+def load_prompts(cfg: RunConfig) -> list[Prompt]:
+    """The prompts of the run's data, in file order: all of them, or ``implicit.sample.max_prompts`` drawn
+    at random (seeded by ``implicit.sample.seed``)."""
+    prompts: list[Prompt] = []
+    bad: list[BadRecord] = []
+    index = 0
+    for path in cfg.data.paths:
+        for where, record in iter_records(path, cfg.data.split):
+            index += 1
+            try:
+                if isinstance(record, BadRecord):
+                    raise record
+                conv = parse_record(record, cfg.data.format, where, index - 1)
+            except BadRecord as e:
+                bad.append(e)
+                continue
+            turns = [{"role": m.role, "content": m.content} for m in conv.messages]
+            last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+            if last is None or not any(t["role"] == "user" for t in turns[:last]):
+                bad.append(BadRecord("no_prompt", "no user turn before an assistant turn to answer", where))
+                continue
+            meta = {k: v for k, v in record.items()
+                    if k not in ("id", "conversations", "messages") and isinstance(v, (str, int, float, bool))}
+            prompts.append(Prompt(len(prompts), conv.id, where, turns[:last], meta))
+    return _subset(cfg, _checked(cfg, prompts, bad))
+
+
+def _subset(cfg: RunConfig, prompts: list[Prompt]) -> list[Prompt]:
+    s = cfg.implicit.sample
+    if s.max_prompts is None or s.max_prompts >= len(prompts):
+        return prompts
+    keep = sorted(random.Random(f"prompts:{s.seed}").sample(range(len(prompts)), s.max_prompts))
+    return [replace(prompts[i], seq=n) for n, i in enumerate(keep)]
+
+
+def _checked(cfg: RunConfig, prompts: list[Prompt], bad: list[BadRecord]) -> list[Prompt]:
+    if bad and cfg.data.on_bad_record == "error":
+        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED_ERRORS])
+        more = f"\n  ... and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
+        raise DataError(f"{len(bad)} bad record(s) in the training data:\n{listed}{more}\n"
+                        "Fix them, or set data.on_bad_record: skip to drop them.")
+    if not prompts:
+        raise DataError(f"no prompt to sample answers for in {', '.join(cfg.data.paths)}")
+    return prompts
+
+
+def prompts_fingerprint(cfg: RunConfig) -> str:
+    """What the prompts are made from: the data files and the settings that read them."""
+    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
+    return inputs_fingerprint({"data": cfg.section_hash("data"), "inputs": inputs,
+                               "max_prompts": cfg.implicit.sample.max_prompts, "seed": cfg.implicit.sample.seed})
