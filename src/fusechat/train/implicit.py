@@ -40,8 +40,10 @@ from fusechat.train.stage import (
     IMPLICIT_DPO,
     IMPLICIT_SFT,
     SFT,
-    _last_checkpoint,
+    SealCheckpoints,
     baseline_config,
+    claim_work_folder,
+    last_checkpoint,
     split_indices,
     train_target,
 )
@@ -98,8 +100,8 @@ def train_implicit_dpo(cfg: RunConfig, force: bool = False) -> Path:
     fingerprint = dpo_fingerprint(cfg, sft_manifest, pairs_manifest)
     if is_complete(out, fingerprint, force, label=f"train {IMPLICIT_DPO}"):
         return out
-    if force and state.is_main_process:
-        shutil.rmtree(work, ignore_errors=True)
+    if state.is_main_process:
+        claim_work_folder(work, fingerprint, IMPLICIT_DPO, force)
     state.wait_for_everyone()
     records = read_jsonl(folder / "pairs.jsonl")
     if not records:
@@ -121,9 +123,16 @@ def train_implicit_dpo(cfg: RunConfig, force: bool = False) -> Path:
     extra = {"wrpo_alpha": d.wrpo_alpha, "wrpo_ramp": d.wrpo_ramp} if d.loss == "wrpo" else {}
     trainer = trainer_class(model=model, ref_model=reference, args=dpo_arguments(cfg, work, bool(eval_idx), state),
                             train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, **extra)
-    last = _last_checkpoint(work / "checkpoints")
-    if last and state.is_main_process:
-        console.print(f"train {IMPLICIT_DPO}: resuming from {last}")
+    trainer.add_callback(SealCheckpoints(fingerprint))
+    last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
+    state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
+    if state.is_main_process:
+        for path, problem in skipped:
+            console.print(f"train {IMPLICIT_DPO}: skipping {path.name} ({problem}); removing it")
+            shutil.rmtree(path, ignore_errors=True)
+        if last:
+            console.print(f"train {IMPLICIT_DPO}: resuming from {last}")
+    state.wait_for_everyone()
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if state.is_main_process:

@@ -128,7 +128,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
             shutil.rmtree(work, ignore_errors=True)  # a run killed between saving the target and this cleanup
         return out
     if state.is_main_process:
-        _claim_work_folder(work, fingerprint, name, force)
+        claim_work_folder(work, fingerprint, name, force)
     state.wait_for_everyone()
 
     trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state, prepared)
@@ -161,7 +161,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
     return out
 
 
-def _claim_work_folder(work: Path, fingerprint: str, name: str, force: bool) -> None:
+def claim_work_folder(work: Path, fingerprint: str, name: str, force: bool) -> None:
     """Tie the work folder to this fingerprint: checkpoints of other inputs or settings are never resumed."""
     if work.exists():
         try:
