@@ -278,3 +278,15 @@ def test_heads_it_cannot_stand_in_for_keep_the_plain_path():
     assert chunkable_head(model) is None
     softcapped = tiny_model("gemma2")
     assert chunkable_head(softcapped)[1] == 0.5
+
+
+def test_auto_chunks_only_big_vocabularies(tmp_path, monkeypatch):
+    from fusechat.train import trainer as trainer_module
+
+    model = tiny_model("llama")
+    vocab = model.lm_head.weight.shape[0]
+    assert trainer_for(model, tmp_path, chunked_loss="auto")._chunked_target(model) is None  # a tiny vocabulary
+    assert trainer_for(model, tmp_path, chunked_loss=True)._chunked_target(model)[0] is model.lm_head
+    assert trainer_for(model, tmp_path, chunked_loss=False)._chunked_target(model) is None
+    monkeypatch.setattr(trainer_module, "AUTO_MIN_VOCAB", vocab)  # as if the vocabulary were big enough
+    assert trainer_for(model, tmp_path, chunked_loss="auto")._chunked_target(model)[0] is model.lm_head

@@ -299,7 +299,7 @@ def test_baselines_train_beside_the_targets_and_leave_their_fingerprints_alone(t
 
 def test_chunked_and_plain_loss_train_to_the_same_weights(tmp_path, zoo):
     path = fused_config(tmp_path, zoo, train={"eval_fraction": 0.4})
-    assert not load_config(path).train.chunked_loss  # off by default (docs/train.md#chunked-loss)
+    assert load_config(path).train.chunked_loss == "auto"  # by default only for big vocabularies, not this one
     cfg = load_config(path, overrides=["train.chunked_loss=true"])
     chunked_out = train_run(cfg)[0]
     chunked = weights(chunked_out)

@@ -248,10 +248,10 @@ class TrainConfig(Section):
     per_device_batch_size: int = Field(1, gt=0)
     bf16: bool = False
     gradient_checkpointing: bool = False
-    chunked_loss: bool = Field(
-        False, description="Compute the lm-head and loss a chunk of positions at a time, never the full logits, "
-        "where the model allows it (see docs/train.md); off by default: over long runs it trains worse than the "
-        "plain full-logits path (docs/train.md#chunked-loss).",
+    chunked_loss: bool | Literal["auto"] = Field(
+        "auto", description="Compute the lm-head and loss a chunk of positions at a time, never the full logits, "
+        "where the model allows it (see docs/train.md); auto: where the vocabulary has at least 32,768 tokens, "
+        "so that the logits set the memory; false: the plain full-logits path.",
     )
     loss_chunk_size: int | None = Field(
         None, gt=0, description="Positions per chunk of the chunked loss (default: 2^25 logits' worth).",

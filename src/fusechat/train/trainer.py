@@ -14,6 +14,7 @@ from fusechat.train.loss import LossParts, fusion_loss
 # Causal LMs whose logits are their lm-head's output on the last hidden states, soft-capped at most
 # (``final_logit_softcapping``): the chunked loss stands in for the head on these. Each is checked
 # against the plain loss in the tests.
+AUTO_MIN_VOCAB = 32_768  # chunked_loss "auto": the vocabulary from which the logits dominate a step's memory
 CHUNKED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                                  "gpt2", "phi3"})
 
@@ -39,7 +40,8 @@ class FusionTrainer(Trainer):
     mixed precision, checkpoints, DDP / FSDP / DeepSpeed) is the Trainer's own."""
 
     def __init__(self, *args, lam: float, lam_end: float | None = None, fusion_kind: str = "ce",
-                 temperature: float = 1.0, chunked_loss: bool = True, loss_chunk_size: int | None = None, **kwargs):
+                 temperature: float = 1.0, chunked_loss: bool | str = "auto", loss_chunk_size: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.chunked_loss = chunked_loss
         self.loss_chunk_size = loss_chunk_size
@@ -91,9 +93,12 @@ class FusionTrainer(Trainer):
     def _chunked_target(self, model) -> tuple[torch.nn.Linear, float | None] | None:
         """The head the chunked loss replaces for this step, or None for the plain path: switched off, or
         under FSDP / DeepSpeed (whose head weight may be a shard), or a head it cannot stand in for."""
-        if not self.chunked_loss or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self.chunked_loss is False or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return None
-        return chunkable_head(self.accelerator.unwrap_model(model))
+        target = chunkable_head(self.accelerator.unwrap_model(model))
+        if target is not None and self.chunked_loss == "auto" and target[0].weight.shape[0] < AUTO_MIN_VOCAB:
+            return None  # the logits of a small vocabulary cost little: the plain path keeps results bit-exact
+        return target
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
