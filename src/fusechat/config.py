@@ -300,7 +300,17 @@ MOVED_MERGE_KEYS = {
 }
 
 
-class MtBenchConfig(Section):
+class JudgeSection(Section):
+    """Where a judge model is: a local chat model, or an OpenAI-compatible endpoint."""
+
+    judge: str | None = Field(
+        None, description="Judge: a local chat model folder or hub:org/name; with judge_endpoint, the endpoint's model name."
+    )
+    judge_endpoint: str | None = Field(None, description="OpenAI-compatible API base URL (…/v1) of the judge.")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+
+
+class MtBenchConfig(JudgeSection):
     """MT-Bench: answers to both turns of its 80 questions, judged scores, reference bits per byte."""
 
     data_dir: str | None = Field(
@@ -318,11 +328,6 @@ class MtBenchConfig(Section):
         "greedy", description="greedy, or FastChat's sampling temperature per category."
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights of the answering models and the judge.")
-    judge: str | None = Field(
-        None, description="Judge: a local chat model folder or hub:org/name; with judge_endpoint, the endpoint's model name."
-    )
-    judge_endpoint: str | None = Field(None, description="OpenAI-compatible API base URL (…/v1) of the judge.")
-    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
     judge_max_new_tokens: int = Field(2048, gt=0, description="Longest judgment, in tokens.")
     judge_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one endpoint answer.")
     judge_retries: int = Field(5, ge=0, description="Retries of a refused, timed-out or 5xx endpoint request.")
@@ -388,7 +393,7 @@ class SampleConfig(Section):
     seed: int = Field(0, description="Seed of the sampling; each shard draws from its own seed derived from it.")
 
 
-class ScoreConfig(Section):
+class ScoreConfig(JudgeSection):
     """Implicit fusion, score: one number per sampled answer, higher is better."""
 
     scorer: Literal["checker", "reward_model", "judge"] = Field(
@@ -396,11 +401,6 @@ class ScoreConfig(Section):
         "classifier's score; judge: a chat model's 1-10 rating.",
     )
     reward_model: str | None = Field(None, description="Reward model folder (a sequence classifier, one label).")
-    judge: str | None = Field(
-        None, description="Judge: a local chat model folder or hub id; with judge_endpoint, the endpoint's model name."
-    )
-    judge_endpoint: str | None = Field(None, description="OpenAI-compatible API base URL (…/v1) of the judge.")
-    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
     judge_max_new_tokens: int = Field(512, gt=0, description="Longest judgment, in tokens.")
     batch_size: int = Field(16, gt=0, description="Answers per reward-model or judge batch.")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -40,10 +40,10 @@ from fusechat.train.stage import (
     IMPLICIT_DPO,
     IMPLICIT_SFT,
     SFT,
-    SealCheckpoints,
     baseline_config,
     claim_work_folder,
-    last_checkpoint,
+    resume_point,
+    run_arguments,
     split_indices,
     train_target,
 )
@@ -123,16 +123,7 @@ def train_implicit_dpo(cfg: RunConfig, force: bool = False) -> Path:
     extra = {"wrpo_alpha": d.wrpo_alpha, "wrpo_ramp": d.wrpo_ramp} if d.loss == "wrpo" else {}
     trainer = trainer_class(model=model, ref_model=reference, args=dpo_arguments(cfg, work, bool(eval_idx), state),
                             train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, **extra)
-    trainer.add_callback(SealCheckpoints(fingerprint))
-    last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
-    state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
-    if state.is_main_process:
-        for path, problem in skipped:
-            console.print(f"train {IMPLICIT_DPO}: skipping {path.name} ({problem}); removing it")
-            shutil.rmtree(path, ignore_errors=True)
-        if last:
-            console.print(f"train {IMPLICIT_DPO}: resuming from {last}")
-    state.wait_for_everyone()
+    last = resume_point(trainer, work, fingerprint, IMPLICIT_DPO, state)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if state.is_main_process:
@@ -162,30 +153,13 @@ def dpo_arguments(cfg: RunConfig, work: Path, has_eval: bool, state):
         raise FusechatError(f"implicit.dpo.global_batch_size {d.global_batch_size} is not a multiple of "
                             f"per_device_batch_size {d.per_device_batch_size} × {state.num_processes} process(es)")
     return DPOConfig(
-        output_dir=str(work / "checkpoints"),
+        **run_arguments(t, work, has_eval, state),
         per_device_train_batch_size=d.per_device_batch_size,
         per_device_eval_batch_size=d.per_device_batch_size,
         gradient_accumulation_steps=d.global_batch_size // per_step,
         num_train_epochs=d.epochs,
         max_steps=d.max_steps,
         learning_rate=d.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=float(t.warmup_ratio),
-        weight_decay=t.weight_decay,
-        bf16=t.bf16,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.logging_steps if has_eval else None,
-        report_to=[r for r in t.report_to if r != "none"] or "none",
-        use_cpu=state.device.type == "cpu",
-        ddp_backend="gloo" if state.device.type == "cpu" and state.num_processes > 1 else None,
-        disable_tqdm=not state.is_main_process,
-        dataloader_num_workers=0,
         beta=d.beta,
         loss_type=["sigmoid" if d.loss == "wrpo" else d.loss],
         max_length=d.max_length,

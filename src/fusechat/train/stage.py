@@ -132,16 +132,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
     state.wait_for_everyone()
 
     trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state, prepared)
-    trainer.add_callback(SealCheckpoints(fingerprint))
-    last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
-    state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
-    if state.is_main_process:
-        for path, problem in skipped:
-            console.print(f"train {name}: skipping {path.name} ({problem}); removing it")
-            shutil.rmtree(path, ignore_errors=True)
-        if last:
-            console.print(f"train {name}: resuming from {last}")
-    state.wait_for_everyone()
+    last = resume_point(trainer, work, fingerprint, name, state)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     final = trainer.model.merge_and_unload() if cfg.train.lora.enabled else trainer.model  # merge needs full weights
@@ -159,6 +150,22 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
             shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
     return out
+
+
+def resume_point(trainer, work: Path, fingerprint: str, name: str, state) -> Path | None:
+    """Seal the trainer's checkpoints as they are written; the newest whole one of this fingerprint to resume
+    from (newer torn ones are removed, with a message), or None."""
+    trainer.add_callback(SealCheckpoints(fingerprint))
+    last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
+    state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
+    if state.is_main_process:
+        for path, problem in skipped:
+            console.print(f"train {name}: skipping {path.name} ({problem}); removing it")
+            shutil.rmtree(path, ignore_errors=True)
+        if last:
+            console.print(f"train {name}: resuming from {last}")
+    state.wait_for_everyone()
+    return last
 
 
 def claim_work_folder(work: Path, fingerprint: str, name: str, force: bool) -> None:
@@ -255,18 +262,27 @@ def training_arguments(t: TrainConfig, work: Path, accumulation: int, has_eval: 
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(work / "checkpoints"),
+        **run_arguments(t, work, has_eval, state),
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=accumulation,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
+        **_checkpointing_arg(t.gradient_checkpointing),
+        remove_unused_columns=False,
+    )
+
+
+def run_arguments(t: TrainConfig, work: Path, has_eval: bool, state) -> dict:
+    """Trainer arguments every target shares (schedule, precision, seeds, logging, checkpoints, devices);
+    checkpoints under ``work``."""
+    return dict(
+        output_dir=str(work / "checkpoints"),
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a share of the steps
         weight_decay=t.weight_decay,
         bf16=t.bf16,
-        **_checkpointing_arg(t.gradient_checkpointing),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -276,7 +292,6 @@ def training_arguments(t: TrainConfig, work: Path, accumulation: int, has_eval: 
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.logging_steps if has_eval else None,
         report_to=[r for r in t.report_to if r != "none"] or "none",
-        remove_unused_columns=False,
         use_cpu=state.device.type == "cpu",
         ddp_backend="gloo" if state.device.type == "cpu" and state.num_processes > 1 else None,
         disable_tqdm=not state.is_main_process,
