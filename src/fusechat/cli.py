@@ -7,6 +7,7 @@ transformers and mergekit, and ``fusechat --help`` must answer at once.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,12 +48,6 @@ def _stage(name: str, cfg, force: bool = False, **options) -> None:
     run_stages([name], cfg, force=force, **options)
 
 
-@app.command()
-def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Render and tokenize the conversations; loss only on assistant turns."""
-    _stage("prepare", _load(config, set_), force)
-
-
 ModelOpt = Annotated[Optional[str], typer.Option(help="Run one model of the run only.")]
 SourceOpt = Annotated[Optional[str], typer.Option(help="Train one target only: a source's, sft, multi, "
                                                        "implicit-sft or implicit-dpo.")]
@@ -60,46 +55,42 @@ SampleModelOpt = Annotated[Optional[str], typer.Option(help="Sample one answerin
 AnalyzeOpt = Annotated[bool, typer.Option(help="Also write per-matrix weights and a heatmap.")]
 
 
-@app.command()
-def represent(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, model: ModelOpt = None) -> None:
-    """Record every model's top-k next-token logits and per-sequence cross-entropy."""
-    _stage("represent", _load(config, set_), force, model=model)
+# The stage commands: the config, --set, --force and at most one option of their own.
+STAGE_COMMANDS = {
+    "prepare": ("Render and tokenize the conversations; loss only on assistant turns.", None),
+    "represent": ("Record every model's top-k next-token logits and per-sequence cross-entropy.",
+                  ("model", ModelOpt, None)),
+    "align": ("Map each source's distributions onto the pivot's tokens and vocabulary.", None),
+    "fuse": ("Choose, per sequence, the pivot's or the source's distribution (MinCE).", None),
+    "sample": ("Implicit fusion: several sampled answers per training prompt from each model.",
+               ("model", SampleModelOpt, None)),
+    "score": ("Implicit fusion: score every sampled answer, then build the SFT set and the preference pairs.", None),
+    "train": ("Train the targets: one per source on the fused distributions; implicit-sft and implicit-dpo.",
+              ("source", SourceOpt, None)),
+    "merge": ("Merge the targets in parameter space (VaRM, SCE, mergekit's methods: docs/merge.md).",
+              ("analyze", AnalyzeOpt, False)),
+}
 
 
-@app.command()
-def align(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Map each source's distributions onto the pivot's tokens and vocabulary."""
-    _stage("align", _load(config, set_), force)
+def _stage_command(stage: str, doc: str, option: tuple | None):
+    """A typer command for ``stage``; ``option``: (name, annotation, default) of its own option, if any."""
+    def command(config, set_=None, force=False, **own):
+        _stage(stage, _load(config, set_), force, **own)
+
+    P = inspect.Parameter
+    params = [P("config", P.POSITIONAL_OR_KEYWORD, annotation=ConfigArg),
+              P("set_", P.POSITIONAL_OR_KEYWORD, default=None, annotation=SetOpt),
+              P("force", P.POSITIONAL_OR_KEYWORD, default=False, annotation=ForceOpt)]
+    if option:
+        params.append(P(option[0], P.KEYWORD_ONLY, default=option[2], annotation=option[1]))
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    return command
 
 
-@app.command()
-def fuse(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Choose, per sequence, the pivot's or the source's distribution (MinCE)."""
-    _stage("fuse", _load(config, set_), force)
-
-
-@app.command()
-def sample(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, model: SampleModelOpt = None) -> None:
-    """Implicit fusion: several sampled answers per training prompt from each model."""
-    _stage("sample", _load(config, set_), force, model=model)
-
-
-@app.command()
-def score(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Implicit fusion: score every sampled answer, then build the SFT set and the preference pairs."""
-    _stage("score", _load(config, set_), force)
-
-
-@app.command()
-def train(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, source: SourceOpt = None) -> None:
-    """Train the targets: one per source on the fused distributions; implicit-sft and implicit-dpo."""
-    _stage("train", _load(config, set_), force, source=source)
-
-
-@app.command()
-def merge(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False, analyze: AnalyzeOpt = False) -> None:
-    """Merge the targets in parameter space (VaRM, SCE, mergekit's methods: docs/merge.md)."""
-    _stage("merge", _load(config, set_), force, analyze=analyze)
+for _name, (_doc, _option) in STAGE_COMMANDS.items():
+    app.command(_name)(_stage_command(_name, _doc, _option))
 
 
 @app.command("eval")

@@ -25,8 +25,6 @@ from fusechat.merge.tensors_io import DTYPES, ModelReader, StreamingWriter, laye
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
     RunDir,
-    atomic_write_json,
-    atomic_write_text,
     build_output,
     inputs_fingerprint,
     is_complete,
@@ -210,9 +208,11 @@ def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) ->
         for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
         if used_weights:
-            atomic_write_json(building.folder / "merge_weights.json", {"targets": inputs.names, "weights": used_weights})
+            # Inside the folder build_output renames into place whole: plain writes are enough.
+            (building.folder / "merge_weights.json").write_text(
+                json.dumps({"targets": inputs.names, "weights": used_weights}, indent=2) + "\n", encoding="utf-8")
         summary = _weight_summary(used_weights, inputs.names)
-        atomic_write_text(building.folder / "README.md", model_card(cfg, method, settings, inputs, summary))
+        (building.folder / "README.md").write_text(model_card(cfg, method, settings, inputs, summary), encoding="utf-8")
         building.manifest.update(weights_summary=summary, warnings=warnings, output_files=writer.files)
     console.print(f"merge {name}: {out}" + (f" (mean weights {summary['mean']})" if summary else ""))
     return out
