@@ -227,6 +227,53 @@ def test_sample_resumes_after_kill_9_with_the_same_answers(tmp_path, tiny_models
     assert any(r["response"] for r in killed_rows)
 
 
+KILLABLE_SCORE = """
+import sys, time
+import fusechat.implicit.score as score
+from fusechat.pipeline import load_run, make_ready, run_stage
+
+write = score.write_scores
+def write_then_wait(*args, **kwargs):  # time to be killed between two shards
+    size = write(*args, **kwargs)
+    time.sleep(30)
+    return size
+score.write_scores = write_then_wait
+cfg = load_run(sys.argv[1])
+make_ready(cfg)
+run_stage("score", cfg)
+"""
+
+
+def test_score_resumes_after_kill_9_with_the_same_scores_and_pairs(tmp_path, tiny_models):
+    data = synthetic_data(tmp_path / "train.jsonl", 6)
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    killed_dir.mkdir(), clean_dir.mkdir()
+    killed_cfg = implicit_config(killed_dir, tiny_models, data, sample={"models": ["src"]})
+    run_stage("sample", load_run(killed_cfg))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_SCORE, str(killed_cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    work = killed_dir / "run" / ".scores.work"
+    deadline = time.time() + 120
+    while not list(work.glob("shard-*.parquet")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert len(list(work.glob("shard-*.parquet"))) == 1  # one of three shards scored
+    assert not (killed_dir / "run" / "scores" / "manifest.json").exists()
+
+    run_stage("score", load_run(killed_cfg))
+    clean = load_run(implicit_config(clean_dir, tiny_models, data, sample={"models": ["src"]}))
+    run_stage("sample", clean)
+    run_stage("score", clean)
+    for name in ("sft.jsonl", "pairs.jsonl", "report.json"):
+        assert (killed_dir / "run" / "pairs" / name).read_bytes() == (clean_dir / "run" / "pairs" / name).read_bytes()
+    from fusechat.implicit.score import read_scores
+    assert read_scores(killed_dir / "run" / "scores") == read_scores(clean_dir / "run" / "scores")
+
+
 # ---------------------------------------------------------------- bad input
 
 
