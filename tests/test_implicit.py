@@ -183,20 +183,35 @@ def test_sample_and_score_write_answers_scores_and_pairs(tmp_path, tiny_models):
 
 
 KILLABLE = """
-import sys, time
-import fusechat.implicit.sample as sample
+import importlib, sys, time
 from fusechat.pipeline import load_run, make_ready, run_stage
 
-write = sample.write_samples
+module, name = importlib.import_module(sys.argv[2]), sys.argv[3]
+write = getattr(module, name)
 def write_then_wait(*args, **kwargs):  # time to be killed between two shards
     size = write(*args, **kwargs)
     time.sleep(30)
     return size
-sample.write_samples = write_then_wait
+setattr(module, name, write_then_wait)
 cfg = load_run(sys.argv[1])
 make_ready(cfg)
-run_stage("sample", cfg)
+run_stage(sys.argv[4], cfg)
 """
+
+
+def kill_after_first_shard(config: Path, stage: str, module: str, writer: str, work: Path) -> None:
+    """Run ``stage`` in a subprocess and SIGKILL it once its first shard is in ``work``."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(config), module, writer, stage], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(work.glob("shard-*.parquet")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list(work.glob("shard-*.parquet"))) == 1
 
 
 def test_sample_resumes_after_kill_9_with_the_same_answers(tmp_path, tiny_models):
@@ -204,17 +219,8 @@ def test_sample_resumes_after_kill_9_with_the_same_answers(tmp_path, tiny_models
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     killed_dir.mkdir(), clean_dir.mkdir()
     killed_cfg = implicit_config(killed_dir, tiny_models, data, sample={"models": ["src"]})
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(killed_cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    work = killed_dir / "run" / "samples" / ".src.work"
-    deadline = time.time() + 120
-    while not list(work.glob("shard-*.parquet")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert len(list(work.glob("shard-*.parquet"))) == 1
+    kill_after_first_shard(killed_cfg, "sample", "fusechat.implicit.sample", "write_samples",
+                           killed_dir / "run" / "samples" / ".src.work")
     assert not (killed_dir / "run" / "samples" / "src" / "manifest.json").exists()
 
     resumed = load_run(killed_cfg)
@@ -227,41 +233,14 @@ def test_sample_resumes_after_kill_9_with_the_same_answers(tmp_path, tiny_models
     assert any(r["response"] for r in killed_rows)
 
 
-KILLABLE_SCORE = """
-import sys, time
-import fusechat.implicit.score as score
-from fusechat.pipeline import load_run, make_ready, run_stage
-
-write = score.write_scores
-def write_then_wait(*args, **kwargs):  # time to be killed between two shards
-    size = write(*args, **kwargs)
-    time.sleep(30)
-    return size
-score.write_scores = write_then_wait
-cfg = load_run(sys.argv[1])
-make_ready(cfg)
-run_stage("score", cfg)
-"""
-
-
 def test_score_resumes_after_kill_9_with_the_same_scores_and_pairs(tmp_path, tiny_models):
     data = synthetic_data(tmp_path / "train.jsonl", 6)
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     killed_dir.mkdir(), clean_dir.mkdir()
     killed_cfg = implicit_config(killed_dir, tiny_models, data, sample={"models": ["src"]})
     run_stage("sample", load_run(killed_cfg))
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_SCORE, str(killed_cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    work = killed_dir / "run" / ".scores.work"
-    deadline = time.time() + 120
-    while not list(work.glob("shard-*.parquet")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert len(list(work.glob("shard-*.parquet"))) == 1  # one of three shards scored
+    kill_after_first_shard(killed_cfg, "score", "fusechat.implicit.score", "write_scores",
+                           killed_dir / "run" / ".scores.work")  # one of three shards scored
     assert not (killed_dir / "run" / "scores" / "manifest.json").exists()
 
     run_stage("score", load_run(killed_cfg))
@@ -277,12 +256,18 @@ def test_score_resumes_after_kill_9_with_the_same_scores_and_pairs(tmp_path, tin
 # ---------------------------------------------------------------- bad input
 
 
+def sampled(config: Path):
+    """The run of ``config``, made ready and sampled."""
+    cfg = load_run(config)
+    make_ready(cfg)
+    run_stage("sample", cfg)
+    return cfg
+
+
 def test_checker_names_the_record_without_a_skill(tmp_path, tiny_models):
     data = write_jsonl(tmp_path / "plain.jsonl", [
         {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
-    cfg = load_run(implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]}))
-    make_ready(cfg)
-    run_stage("sample", cfg)
+    cfg = sampled(implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]}))
     with pytest.raises(DataError, match=r"plain.jsonl:1 \(record 'a'\): the checker scorer needs the record's "
                                         r"`skill` field"):
         run_stage("score", cfg)
@@ -335,10 +320,7 @@ def test_a_one_label_classifier_scores_as_reward_model(tmp_path, tiny_models):
 
 def test_wrpo_needs_the_pivots_answers(tmp_path, tiny_models):
     data = synthetic_data(tmp_path / "t.jsonl", 2)
-    cfg = load_run(implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]},
-                                   dpo={"loss": "wrpo"}))
-    make_ready(cfg)
-    run_stage("sample", cfg)
+    cfg = sampled(implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]}, dpo={"loss": "wrpo"}))
     with pytest.raises(FusechatError, match=r"wrpo, which needs the pivot's own answers: add 'pivot' to "
                                             r"implicit.sample.models"):
         run_stage("score", cfg)
