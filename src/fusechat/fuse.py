@@ -32,10 +32,10 @@ from fusechat.align.project import (
     pivot_distribution,
 )
 from fusechat.align.stage import complete_representation
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, stable_hash
 from fusechat.errors import FusechatError
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import RunDir, build_output, inputs_fingerprint, is_complete, require_complete
+from fusechat.rundir import RunDir, build_output, is_complete, require_complete
 from fusechat.shards import (
     AlignedRow,
     FusedRow,
@@ -149,7 +149,7 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
     align_fps = [require_complete(folder, "alignment", "fusechat align CONFIG")["fingerprint"] for folder in aligned]
     payload = {"pivot": pm["fingerprint"], "align": align_fps, "fuse": cfg.section_hash("fuse"),
                "format": FUSED_FORMAT}
-    fingerprint = inputs_fingerprint(payload)
+    fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"fuse {name}"):
         return out
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, stable_hash
 from fusechat.data.blocks import split_exchanges
 from fusechat.data.conversations import BadRecord, Conversation, parse_record
 from fusechat.data.masks import assistant_token_mask, labels_from_mask
@@ -25,14 +25,7 @@ from fusechat.data.templates import Rendered, get_template
 from fusechat.errors import DataError, FusechatError
 from fusechat.models import load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import (
-    RunDir,
-    build_output,
-    inputs_fingerprint,
-    is_complete,
-    require_complete,
-    sha256_tree,
-)
+from fusechat.rundir import RunDir, build_output, is_complete, require_complete, sha256_tree
 
 MAX_LISTED_ERRORS = 20
 SKIPPED_FILE = "skipped.jsonl"
@@ -199,7 +192,7 @@ def input_fingerprint(cfg: RunConfig, tok_hash: str) -> tuple[str, dict]:
 
     inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
     payload = {"config": cfg.section_hash("data", "prepare"), "tokenizer": tok_hash, "inputs": inputs}
-    return inputs_fingerprint(payload), inputs
+    return stable_hash(payload), inputs
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.config import ModelSpec, RunConfig
+from fusechat.config import ModelSpec, RunConfig, stable_hash
 from fusechat.data.masks import assistant_token_mask
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
@@ -33,14 +33,7 @@ from fusechat.models import (
 )
 from fusechat.prepare import load_prepared
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import (
-    RunDir,
-    inputs_fingerprint,
-    is_complete,
-    new_manifest,
-    read_manifest,
-    write_manifest,
-)
+from fusechat.rundir import RunDir, is_complete, new_manifest, read_manifest, write_manifest
 from fusechat.shards import (
     SequenceRep,
     id_dtype,
@@ -260,7 +253,7 @@ def model_fingerprint(cfg: RunConfig, spec: ModelSpec, tok_hash: str, prepared_f
         "prepared": prepared_fp, "path": spec.path, "revision": spec.revision, "config": config_hash(spec),
         "tokenizer": tok_hash, "top_k": cfg.represent.top_k, "dtype": cfg.represent.dtype,
     }
-    return inputs_fingerprint(payload)
+    return stable_hash(payload)
 
 
 def run(cfg: RunConfig, force: bool = False, model: str | None = None) -> list[Path]:

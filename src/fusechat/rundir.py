@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from fusechat import __version__
-from fusechat.config import stable_hash
 from fusechat.errors import FusechatError
 from fusechat.progress import console
 from fusechat.shards import shard_problem
@@ -167,7 +166,6 @@ def is_complete(folder: str | os.PathLike, fingerprint: str, force: bool = False
     )
 
 
-inputs_fingerprint = stable_hash  # the stages' name for it
 
 
 @dataclass

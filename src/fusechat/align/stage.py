@@ -37,12 +37,12 @@ from fusechat.align.vocab import (
     special_ids,
     token_texts,
 )
-from fusechat.config import ModelSpec, RunConfig
+from fusechat.config import ModelSpec, RunConfig, stable_hash
 from fusechat.errors import FusechatError
 from fusechat.models import load_tokenizer
 from fusechat.prepare import load_prepared
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import RunDir, build_output, inputs_fingerprint, is_complete, require_complete
+from fusechat.rundir import RunDir, build_output, is_complete, require_complete
 from fusechat.shards import AlignedRow, ShardWriter, id_dtype, read_representation, write_aligned_shard
 
 
@@ -130,7 +130,7 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
         )
     payload = {"pivot": pm["fingerprint"], "source": sm["fingerprint"], "align": cfg.section_hash("align"),
                "version": ALIGN_VERSION}
-    fingerprint = inputs_fingerprint(payload)
+    fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"align {spec.name}"):
         return out
 
@@ -217,7 +217,3 @@ def coverage_by_how(counts: Counter | dict) -> dict:
         out[f"{k}_share"] = round(out[k] / total, 4) if total else None
     out["covered_share"] = round((out["exact"] + out["prefix"]) / total, 4) if total else None
     return out
-
-
-def load_vocab_map(cfg: RunConfig, source: str) -> VocabMap:
-    return VocabMap.load(RunDir(cfg.run_dir).stage("align", source, "vocab_map.npz"))

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fusechat.config import EvalConfig, RunConfig
+from fusechat.config import EvalConfig, RunConfig, stable_hash
 from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.items import EvalItem, entropy_floors, load_items, skills_of
 from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
@@ -26,14 +26,7 @@ from fusechat.evaluate.retention import against, retention
 from fusechat.evaluate.rows import Row, folder_rows, model_rows
 from fusechat.models import with_model
 from fusechat.progress import console, progress_bar
-from fusechat.rundir import (
-    RunDir,
-    atomic_write_text,
-    build_output,
-    inputs_fingerprint,
-    is_complete,
-    sha256_file,
-)
+from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, sha256_file
 
 # ---------------------------------------------------------------- scoring
 
@@ -190,8 +183,8 @@ def eval_fingerprint(cfg: RunConfig, rows: list[Row]) -> str:
     items_settings = cfg.eval.model_dump(mode="json", by_alias=True, exclude={"benchmarks", "mt_bench"})
     payload = {"data": [sha256_file(p) for p in cfg.eval.data],
                "models": [[r.name, r.path, r.identity] for r in rows],
-               "eval": inputs_fingerprint({"eval": items_settings})}
-    return inputs_fingerprint(payload)
+               "eval": stable_hash({"eval": items_settings})}
+    return stable_hash(payload)
 
 
 def with_context(results: dict, models: dict[str, str], data: list[str], items: list[EvalItem]) -> dict:

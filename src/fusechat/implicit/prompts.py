@@ -10,11 +10,11 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, stable_hash
 from fusechat.data.conversations import BadRecord, parse_record
 from fusechat.data.readers import iter_records
 from fusechat.errors import DataError
-from fusechat.rundir import inputs_fingerprint, sha256_tree
+from fusechat.rundir import sha256_tree
 
 MAX_LISTED_ERRORS = 20
 
@@ -80,5 +80,5 @@ def _checked(cfg: RunConfig, prompts: list[Prompt], bad: list[BadRecord]) -> lis
 def prompts_fingerprint(cfg: RunConfig) -> str:
     """What the prompts are made from: the data files and the settings that read them."""
     inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
-    return inputs_fingerprint({"data": cfg.section_hash("data"), "inputs": inputs,
+    return stable_hash({"data": cfg.section_hash("data"), "inputs": inputs,
                                "max_prompts": cfg.implicit.sample.max_prompts, "seed": cfg.implicit.sample.seed})

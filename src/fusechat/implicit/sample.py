@@ -32,7 +32,7 @@ from fusechat.implicit.prompts import Prompt, load_prompts, prompts_fingerprint
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
 from fusechat.models import config_hash, device_map_for, load_causal_lm, load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar
-from fusechat.rundir import RunDir, inputs_fingerprint, is_complete
+from fusechat.rundir import RunDir, is_complete
 from fusechat.shards import _write_table, shard_files, shard_name
 
 # Settings that change which answers are drawn (device and dtype aside, which change them by rounding only).
@@ -51,7 +51,7 @@ def sample_models(cfg: RunConfig) -> list[ModelSpec]:
 
 def model_fingerprint(cfg: RunConfig, spec: ModelSpec, tok_hash: str) -> str:
     s = cfg.implicit.sample
-    return inputs_fingerprint({
+    return stable_hash({
         "prompts": prompts_fingerprint(cfg), "path": spec.path, "revision": spec.revision,
         "config": config_hash(spec), "tokenizer": tok_hash, "sampling": {k: getattr(s, k) for k in _SAMPLING_KEYS},
     })

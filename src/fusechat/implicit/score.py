@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, stable_hash
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.implicit.pairs import Candidate, build_pairs, format_report
@@ -31,7 +31,6 @@ from fusechat.rundir import (
     atomic_write_json,
     atomic_write_text,
     build_output,
-    inputs_fingerprint,
     is_complete,
     require_complete,
     sha256_file,
@@ -73,7 +72,7 @@ def score_answers(cfg: RunConfig, force: bool = False, checker: Checker | None =
     folders = {m: RunDir(cfg.run_dir).stage("sample", m) for m in models}
     manifests = {m: require_complete(f, f"sampled answers of {m}", "fusechat sample CONFIG")
                  for m, f in folders.items()}
-    fingerprint = inputs_fingerprint({"samples": {m: manifests[m]["fingerprint"] for m in models},
+    fingerprint = stable_hash({"samples": {m: manifests[m]["fingerprint"] for m in models},
                                       "scorer": s.scorer, **_scorer_identity(cfg, checker)})
     if is_complete(out, fingerprint, force, label="score"):
         return out
@@ -141,7 +140,7 @@ def write_pairs(cfg: RunConfig, scores: Path, force: bool = False) -> Path:
     out = pairs_folder(cfg)
     score_manifest = require_complete(scores, "scores", "fusechat score CONFIG")
     wrpo = cfg.implicit.dpo.loss == "wrpo"
-    fingerprint = inputs_fingerprint({"scores": score_manifest["fingerprint"], "wrpo": wrpo,
+    fingerprint = stable_hash({"scores": score_manifest["fingerprint"], "wrpo": wrpo,
                                       "pairs": cfg.implicit.pairs.model_dump(mode="json")})
     state = process_state(cfg.implicit.score.device)
     if state.is_main_process and not is_complete(out, fingerprint, force, label="pairs"):

@@ -16,20 +16,14 @@ from pathlib import Path
 
 import torch
 
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, stable_hash
 from fusechat.errors import FusechatError
 from fusechat.merge.analysis import write_analysis
 from fusechat.merge.methods import mean_variation, varm_weights, weighted_sum
 from fusechat.merge.registry import MergeMethod, merge_method_named
 from fusechat.merge.tensors_io import DTYPES, ModelReader, StreamingWriter, layer_key
 from fusechat.progress import console, progress_bar
-from fusechat.rundir import (
-    RunDir,
-    build_output,
-    inputs_fingerprint,
-    is_complete,
-    read_manifest,
-)
+from fusechat.rundir import RunDir, build_output, is_complete, read_manifest
 
 CHUNK_ELEMENTS = 1 << 20  # VaRM reads tensors larger than this (4 MiB in fp32) a block of rows at a time
 WEIGHT_FILES = re.compile(r"(\.safetensors$|^model\.safetensors\.index\.json$|^manifest\.json$|^README\.md$)")
@@ -154,7 +148,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) ->
     out = RunDir(cfg.run_dir).stage("merge", name)
     payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": name, "settings": settings,
                "seed": cfg.merge.seed}
-    fingerprint = inputs_fingerprint(payload)
+    fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"merge {name}"):
         return out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
-from fusechat.config import RunConfig
+from fusechat.config import RunConfig, stable_hash
 from fusechat.data.conversations import Conversation, Message
 from fusechat.data.templates import BUILTIN_TEMPLATES, get_template
 from fusechat.distributed import process_state
@@ -27,14 +27,7 @@ from fusechat.implicit.score import pairs_folder, read_jsonl
 from fusechat.models import load_causal_lm, load_tokenizer, row_spec
 from fusechat.prepare import Preparer
 from fusechat.progress import console
-from fusechat.rundir import (
-    RunDir,
-    atomic_write_text,
-    build_output,
-    inputs_fingerprint,
-    is_complete,
-    require_complete,
-)
+from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, require_complete
 from fusechat.train.preference import WRPOTrainer
 from fusechat.train.stage import (
     IMPLICIT_DPO,
@@ -83,7 +76,7 @@ def train_implicit_sft(cfg: RunConfig, force: bool = False) -> Path:
 
 
 def dpo_fingerprint(cfg: RunConfig, sft_manifest: dict, pairs_manifest: dict) -> str:
-    return inputs_fingerprint({"implicit-sft": sft_manifest["fingerprint"], "pairs": pairs_manifest["fingerprint"],
+    return stable_hash({"implicit-sft": sft_manifest["fingerprint"], "pairs": pairs_manifest["fingerprint"],
                                "dpo": cfg.implicit.dpo.model_dump(mode="json"), "train": cfg.section_hash("train")})
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from fusechat.config import RunConfig, TrainConfig
+from fusechat.config import RunConfig, TrainConfig, stable_hash
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
@@ -40,7 +40,6 @@ from fusechat.rundir import (
     atomic_write_text,
     build_output,
     fsync_tree,
-    inputs_fingerprint,
     is_complete,
     read_manifest,
     require_complete,
@@ -122,7 +121,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
         data = {"prepared": (read_manifest(rundir.stage("prepare")) or {}).get("fingerprint")}
     payload = {**data, "fused": (fused_manifest or {}).get("fingerprint"),
                "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
-    fingerprint = inputs_fingerprint(payload)
+    fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"train {name}"):
         if state.is_main_process and not cfg.train.keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)  # a run killed between saving the target and this cleanup

@@ -18,14 +18,10 @@ from pathlib import Path
 import yaml
 
 from fusechat import prepare
-from fusechat.config import load_config
+from fusechat.config import load_config, stable_hash
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.progress import console
-from fusechat.rundir import (
-    build_output,
-    inputs_fingerprint,
-    read_manifest,
-)
+from fusechat.rundir import build_output, read_manifest
 from fusechat.train.stage import train_target
 from fusechat.zoo.models import build_model as init_model
 from fusechat.zoo.skills import SKILLS, conversations
@@ -106,7 +102,7 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
 
 
 def spec_hash(model: ZooModel) -> str:
-    return inputs_fingerprint(asdict(model))
+    return stable_hash(asdict(model))
 
 
 def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[str, Path]:
