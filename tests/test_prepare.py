@@ -62,15 +62,17 @@ def test_two_turn_conversation_char_level_exact(tmp_path, make_config):
     row = ds[0]
     expected = f"{USER}hi</s>{ASSISTANT}yo</s>{USER}ok</s>{ASSISTANT}no</s>"
     assert row["text"] == expected
-    # "yo" starts at 19+2+4+24 = 49; the second "no" at 55+19+2+4+24 = 104.
-    assert row["assistant_spans"] == [[49, 55], [104, 110]]
+    # "yo" starts at 19+2+4+24 = 49; the second "no" at 55+19+2+4+24 = 104. Each span starts one
+    # character earlier, at the space after "Assistant:" that the generation prompt leaves to the model.
+    assert row["assistant_spans"] == [[48, 55], [103, 110]]
     assert row["eos_spans"] == [[21, 25], [51, 55], [76, 80], [106, 110]]
     # One token per character, "</s>" one token: 21 + 1 + 26 + 1 + 21 + 1 + 26 + 1 = 98 tokens.
     assert row["num_tokens"] == 98
-    # 'y' is token 22 + (49 - 25) = 46, then 'o', then '</s>'; 'n' is 71 + (104 - 80) = 95.
-    assert labeled_positions(row) == [46, 47, 48, 95, 96, 97]
-    assert row["labels"][46:49] == row["input_ids"][46:49]
-    assert row["num_assistant_tokens"] == 6
+    # 'y' is token 22 + (49 - 25) = 46, then 'o', then '</s>'; 'n' is 71 + (104 - 80) = 95; the space
+    # before each is labelled too.
+    assert labeled_positions(row) == [45, 46, 47, 48, 94, 95, 96, 97]
+    assert row["labels"][45:49] == row["input_ids"][45:49]
+    assert row["num_assistant_tokens"] == 8
     assert manifest["complete"] is True
     assert manifest["counts"]["rows"] == 1
 

@@ -22,7 +22,8 @@ Span = tuple[int, int]
 @dataclass
 class Rendered:
     text: str
-    assistant_spans: list[Span] = field(default_factory=list)  # content + closing end-of-turn marker
+    # What the model writes after the generation prompt: content + closing end-of-turn marker
+    assistant_spans: list[Span] = field(default_factory=list)
     eos_spans: list[Span] = field(default_factory=list)  # where the model's own eos token stands
 
 
@@ -31,7 +32,9 @@ class BuiltinTemplate:
     """A template given as literal pieces. ``{content}`` is the message; ``{eos}`` the model's eos token.
 
     The assistant turn is ``assistant_prefix + content + assistant_end + assistant_after``;
-    the content and ``assistant_end`` carry loss, the rest does not.
+    the content and ``assistant_end`` carry loss, the rest does not, except the end of
+    ``assistant_prefix`` that the generation prompt leaves out (OpenChat's space after
+    ``Assistant:``): at inference the model writes it, so it is trained to.
     """
 
     name: str
@@ -44,6 +47,11 @@ class BuiltinTemplate:
     jinja: str = ""  # the same template for a tokenizer's chat_template (saved with trained models)
     add_special_tokens: bool = True  # let the tokenizer add its bos: the template writes none
 
+    def written_by_model(self) -> int:
+        """Characters at the end of ``assistant_prefix`` past the generation prompt."""
+        prompt, prefix = self.generation_prompt, self.assistant_prefix
+        return len(prefix) - len(prompt) if prefix.startswith(prompt) and EOS not in prefix else 0
+
     def render(self, messages: list[Message], eos_token: str, add_generation_prompt: bool = False) -> Rendered:
         out = _Builder(eos_token)
         for m in messages:
@@ -53,7 +61,7 @@ class BuiltinTemplate:
                 out.add_pattern(self.user, m.content)
             else:
                 out.add_pattern(self.assistant_prefix, "")
-                start = out.length
+                start = out.length - self.written_by_model()
                 out.add_literal(m.content)
                 out.add_pattern(self.assistant_end, "")
                 out.rendered.assistant_spans.append((start, out.length))
@@ -119,6 +127,8 @@ class TokenizerTemplate:
     Rendering ``messages[:i]`` with a generation prompt gives the text before
     assistant turn ``i``; the content is found right after it, and the special
     token that follows the content (``<|im_end|>``, ``</s>``, ...) closes the span.
+    Whitespace between the generation prompt and the content belongs to the span:
+    at inference the model writes it.
     """
 
     name = "tokenizer"
@@ -162,6 +172,8 @@ class TokenizerTemplate:
                     f"use a built-in template ({', '.join(BUILTIN_TEMPLATES)})",
                 )
             end = start + len(content)
+            if text.startswith(prefix) and len(prefix) <= start and not text[len(prefix):start].strip():
+                start = len(prefix)
             for tok in self.special:
                 if text.startswith(tok, end):
                     end += len(tok)
