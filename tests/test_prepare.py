@@ -108,8 +108,8 @@ def test_openai_messages_and_system_prompt(tmp_path, make_config):
     ds, _ = run_prepare(make_config([data], pivot="char"))
     row = ds[0]
     assert row["text"] == f"be brief</s>{USER}hi</s>{ASSISTANT}yo</s>"
-    start = len("be brief</s>") + 19 + 2 + 4 + 24
-    assert row["assistant_spans"] == [[start, start + 6]]
+    start = len("be brief</s>") + 19 + 2 + 4 + 23  # the space after "Assistant:", then "yo</s>"
+    assert row["assistant_spans"] == [[start, start + 7]]
     assert row["origin"].endswith("o.jsonl:1")
     assert row["id"].endswith("o.jsonl:1")
 
@@ -206,10 +206,11 @@ def test_single_turn_longer_than_max_length_is_truncated(tmp_path, make_config):
     assert len(ds) == 1
     row = ds[0]
     assert row["num_tokens"] == 60
-    # The answer starts at token 19 + 2 + 1 + 24 = 46 (character 49); 14 of its characters fit.
+    # The answer starts at token 19 + 2 + 1 + 24 = 46 (character 49); 14 of its characters fit,
+    # after the space the model writes at token 45 (character 48).
     assert row["text"] == f"{USER}hi</s>{ASSISTANT}" + answer[:14]
-    assert labeled_positions(row) == list(range(46, 60))
-    assert row["assistant_spans"] == [[49, 63]]
+    assert labeled_positions(row) == list(range(45, 60))
+    assert row["assistant_spans"] == [[48, 63]]
     assert manifest["counts"]["truncated"] == 2
     # The second record's user turn alone exceeds max_length: nothing of the answer is left.
     assert manifest["counts"]["dropped_blocks"] == {"no_assistant_tokens_after_truncation": 1}
