@@ -159,7 +159,8 @@ class TokenizerTemplate:
             if m.role != "assistant":
                 continue
             prefix = self._apply(messages[:i], add_generation_prompt=True)
-            search_from = len(prefix) if text.startswith(prefix) else (spans[-1][1] if spans else 0)
+            after_prompt = text.startswith(prefix)
+            search_from = len(prefix) if after_prompt else (spans[-1][1] if spans else 0)
             start = text.find(m.content, search_from)
             content = m.content
             if start < 0:  # templates that trim content
@@ -172,7 +173,7 @@ class TokenizerTemplate:
                     f"use a built-in template ({', '.join(BUILTIN_TEMPLATES)})",
                 )
             end = start + len(content)
-            if text.startswith(prefix) and len(prefix) <= start and not text[len(prefix):start].strip():
+            if after_prompt and not text[len(prefix):start].strip():
                 start = len(prefix)
             for tok in self.special:
                 if text.startswith(tok, end):
