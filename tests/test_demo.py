@@ -9,8 +9,16 @@ FAST = ["synthetic.train={reverse: 3, add: 3, convert: 3, capitalise: 3, repeat:
         "implicit.dpo.global_batch_size=4", "implicit.dpo.per_device_batch_size=4"]
 
 
-def test_micro_demo_runs_the_whole_pipeline(tmp_path):
+def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
     results = run_demo(tmp_path, zoo="micro", overrides=FAST)
+    # the screen: one line per stage and the table; the stages' own output (the Trainer's too) in demo.log
+    screen = capfd.readouterr()
+    shown = screen.err + screen.out
+    done = [line.split()[1] for line in shown.splitlines() if line.startswith("✓ ")]
+    assert done == ["models", "prepare", "represent", "align", "fuse", "sample", "score", "train", "merge", "eval"]
+    assert "'loss'" not in shown and "it/s" not in shown and "| target-describer |" in shown
+    log = (tmp_path / "demo.log").read_text()
+    assert "train_runtime" in log and "varm" in log
     rows = ["pivot", "describer", "converter", "target-describer", "target-converter", "sft", "multi",
             "implicit-sft", "implicit-dpo", "varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"]
     assert list(results["bits_per_byte"]) == rows

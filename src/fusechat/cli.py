@@ -187,11 +187,13 @@ def demo(
     zoo: Annotated[str, typer.Option(help="demo (the shipped zoo) or micro (the pipeline in about a minute).")] = "demo",
     set_: SetOpt = None,
     force: ForceOpt = False,
+    verbose: Annotated[bool, typer.Option(help="Show every stage's output instead of one line per stage "
+                                               "(which otherwise goes to OUT/demo.log).")] = False,
 ) -> None:
     """Fuse a zoo of tiny chat models end to end and print the results table (no GPU or hub needed)."""
     from fusechat.demo import run_demo
 
-    run_demo(out, force=force, zoo=zoo, overrides=set_)
+    run_demo(out, force=force, zoo=zoo, overrides=set_, verbose=verbose)
 
 
 zoo_app = typer.Typer(help="The tiny chat models the demo fuses.", no_args_is_help=True)

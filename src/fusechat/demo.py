@@ -18,10 +18,11 @@ import yaml
 from fusechat.errors import FusechatError
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.pipeline import load_run, run_all
-from fusechat.progress import console
+from fusechat.progress import compact_console, console
 from fusechat.zoo.build import ZOO_FOLDERS, ZOOS
 
 DEFAULT_OUT = "fusechat-demo"
+LOG_NAME = "demo.log"
 
 
 def demo_config_path() -> Path:
@@ -58,14 +59,21 @@ def write_config(out: Path, zoo: str = "demo") -> Path:
 
 
 def run_demo(out: Path = Path(DEFAULT_OUT), force: bool = False, zoo: str = "demo",
-             overrides: list[str] | None = None) -> dict:
-    """Run the demo config under ``out``; returns the results (also in ``out/eval/results.*``)."""
+             overrides: list[str] | None = None, verbose: bool = False) -> dict:
+    """Run the demo config under ``out``; returns the results (also in ``out/eval/results.*``).
+    The console shows one line per stage and the table; the stages' own output goes to ``out/demo.log``
+    (``verbose``: to the console)."""
     started = time.time()
     out = Path(out)
     config = write_config(out, zoo)
     console.print(f"demo run config: {config}")
     cfg = load_run(config, overrides)
-    run_all(cfg, force=force)
+    if verbose:
+        run_all(cfg, force=force)
+    else:
+        console.print(f"each stage's output: {out / LOG_NAME}")
+        with compact_console(out / LOG_NAME):
+            run_all(cfg, force=force)
     results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text(encoding="utf-8"))
     results["elapsed_s"] = round(time.time() - started, 1)
     write_report(results, out / "eval", "fusechat demo: the zoo fused")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RESERVED_NAMES, RunConfig, load_config
@@ -23,7 +24,7 @@ from fusechat.model_sources import (
     zoo_skills,
 )
 from fusechat.models import model_path_problem, reward_model_problem
-from fusechat.progress import console
+from fusechat.progress import console, stage_line
 from fusechat.rundir import STAGES, RunDir, remove_dead_temporaries, run_lock
 from fusechat.synthetic import ensure_synthetic, skill_checker, synthetic_problems
 
@@ -166,11 +167,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> Non
 def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options) -> None:
     """Make the run ready, then the given stages in order, all under one hold of the run directory's lock."""
     with run_lock(cfg.run_dir):
-        make_ready(cfg)
+        with stage_line("models") if len(stages) > 1 else nullcontext():
+            make_ready(cfg)
         for stage in stages:
-            if len(stages) > 1:
-                console.rule(f"[bold]{stage}")
-            run_stage(stage, cfg, force=force, **options)
+            with stage_line(stage) if len(stages) > 1 else nullcontext():
+                run_stage(stage, cfg, force=force, **options)
 
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:

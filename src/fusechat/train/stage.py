@@ -33,7 +33,7 @@ from fusechat.errors import FusechatError
 from fusechat.fuse import MULTI, multi_config
 from fusechat.models import load_causal_lm, load_tokenizer, tokenizer_hash
 from fusechat.prepare import load_prepared
-from fusechat.progress import console
+from fusechat.progress import compact_active, console, stage_detail
 from fusechat.rundir import (
     RunDir,
     atomic_write_json,
@@ -155,6 +155,8 @@ def resume_point(trainer, work: Path, fingerprint: str, name: str, state) -> Pat
     """Seal the trainer's checkpoints as they are written; the newest whole one of this fingerprint to resume
     from (newer torn ones are removed, with a message), or None."""
     trainer.add_callback(SealCheckpoints(fingerprint))
+    if compact_active():
+        show_on_stage_line(trainer, name)
     last, skipped = last_checkpoint(work / "checkpoints", fingerprint)
     state.wait_for_everyone()  # every process has chosen before the main one removes what it skipped
     if state.is_main_process:
@@ -200,6 +202,32 @@ class SealCheckpoints(TrainerCallback):
             fsync_tree(folder)
             atomic_write_json(folder / CHECKPOINT_SEAL, {"fingerprint": self.fingerprint, "step": state.global_step})
         return control
+
+
+class StageLineProgress(TrainerCallback):
+    """Training progress as the compact console's stage detail: the target, its step and last loss."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.loss = ""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            console.print(f"{self.name}: {logs}", markup=False)  # into the compact console's log file
+        if logs and "loss" in logs:
+            self.loss = f", loss {float(logs['loss']):.3f}"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stage_detail(f"{self.name}: step {state.global_step}/{state.max_steps}{self.loss}")
+
+
+def show_on_stage_line(trainer, name: str) -> None:
+    """Replace the Trainer's progress bar and printed log dictionaries by one compact stage line."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StageLineProgress(name))
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:
