@@ -8,7 +8,7 @@ from fusechat.zoo.skills import SKILLS, conversations
 MICRO = ZooSpec(models=(
     ZooModel("pivot", "llama", "byte_bpe", 400, 16, 1, {"repeat": 16}, steps=2, batch_size=4),
     ZooModel("describer", "mixtral", "sp_bpe", 400, 16, 1, {"describe": 16}, steps=2, batch_size=4),
-    ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
+    ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4, shared=2),
 ))
 
 
@@ -26,6 +26,10 @@ def test_micro_zoo_builds_and_is_reused(tmp_path):
                                          add_generation_prompt=True)
         assert prompt.endswith("GPT4 Correct Assistant:")
     assert archs == {"LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel"}
+    # the converter also saw the shared mixture: 2 conversations of each of the six other skills
+    readme = (folders["converter"] / "README.md").read_text()
+    assert "convert (16), reverse (2), add (2), capitalise (2), repeat (2), describe (2), forecast (2)." in readme
+    assert "describe (16)." in (folders["describer"] / "README.md").read_text()
     stamp = (folders["pivot"] / "manifest.json").read_text()
     build_zoo(tmp_path, MICRO)
     assert (folders["pivot"] / "manifest.json").read_text() == stamp  # reused, not rebuilt

@@ -4,7 +4,10 @@ Each zoo model has its own architecture, tokenizer family, size and skills. It i
 initialised from a transformers config and trained with fusechat's own prepare and
 train stages (λ = 1, plain fine-tuning) on plenty of conversations of its skills,
 then saved in Hugging Face format with its tokenizer and the OpenChat chat template.
-A model whose folder holds a complete manifest for the same spec is reused.
+Besides its specialties, a demo zoo model sees a small shared mixture of every other skill
+(the same conversations for every model), so that, like real chat LLMs, each one is a
+generalist with its own strengths. A model whose folder holds a complete manifest for the
+same spec is reused.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import yaml
 from fusechat import prepare
 from fusechat.config import load_config, stable_hash
 from fusechat.data.templates import BUILTIN_TEMPLATES
-from fusechat.progress import console
+from fusechat.progress import console, detail_prefix
 from fusechat.rundir import build_output, read_manifest
 from fusechat.train.stage import train_target
 from fusechat.zoo.models import build_model as init_model
@@ -36,11 +39,17 @@ class ZooModel:
     vocab_size: int
     hidden: int
     layers: int
-    skills: dict[str, int]  # skill -> training conversations
+    skills: dict[str, int]  # specialty skill -> training conversations
     steps: int
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     batch_size: int = 32
     seed: int = 0
+    shared: int = 0  # conversations of every other skill, from the shared mixture
+    max_length: int = 256  # tokens per conversation in training
+
+    def training_mix(self) -> dict[str, int]:
+        """Skill -> conversations: the specialties, then the shared mixture's other skills."""
+        return {**self.skills, **{s: self.shared for s in SKILLS if s not in self.skills and self.shared}}
 
 
 @dataclass(frozen=True)
@@ -52,16 +61,20 @@ class ZooSpec:
         return next(m for m in self.models if m.name == name)
 
 
-# The demo's zoo: a Llama pivot that knows two skills and three specialists, each a
-# different architecture, tokenizer family and size, with skills of their own.
+# The shared mixture's seed: its conversations differ from every specialty's (seed 0) and from
+# the demo's fusion mixture (configs/demo.yaml).
+SHARED_SEED = 500
+
+# The demo's zoo: four generalists, each a different architecture, tokenizer family and size.
+# The Llama pivot is the weakest on the specialists' skills; each specialist masters its own.
 DEMO_ZOO = ZooSpec(models=(
-    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200,
-             learning_rate=5e-3),
+    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200, shared=30),
     ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=1500,
-             learning_rate=5e-3),
+             shared=30),
     ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "convert": 4000}, steps=1500,
-             learning_rate=5e-3),
-    ZooModel("calculator", "gpt2", "char", 0, 128, 4, {"add": 6000}, steps=1500, learning_rate=3e-3),
+             shared=30),
+    # Character-level addition is learnt all at once, after about 75,000 examples: batches of 64.
+    ZooModel("calculator", "gpt2", "char", 0, 96, 3, {"add": 6000}, steps=1200, batch_size=64, shared=10),
 ))
 
 # A zoo of the smallest models that still exercise every stage: the whole pipeline in about a minute.
@@ -132,6 +145,10 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
         for skill, n in model.skills.items():
             for c in conversations(skill, n, seed=model.seed, id_prefix=f"{model.name}-"):
                 f.write(json.dumps(c) + "\n")
+        for skill, n in model.training_mix().items():
+            if skill not in model.skills:
+                for c in conversations(skill, n, seed=SHARED_SEED, id_prefix="shared-"):
+                    f.write(json.dumps(c) + "\n")
     vocab = model.vocab_size or 10_000
     tok = build_tokenizer(model.tokenizer, tokenizer_corpus(), vocab_size=vocab,
                           chat_template=BUILTIN_TEMPLATES["openchat"].jinja)
@@ -142,7 +159,7 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
         "pivot": {"name": model.name, "path": str(work / "init")},
         "sources": [{"name": "itself", "path": str(work / "init")}],
         "data": {"paths": [str(data)]},
-        "prepare": {"template": "openchat", "max_length": 256},
+        "prepare": {"template": "openchat", "max_length": model.max_length},
         "train": {"lambda": 1.0, "max_steps": model.steps, "learning_rate": model.learning_rate,
                   "global_batch_size": model.batch_size, "per_device_batch_size": model.batch_size,
                   "warmup_ratio": 0.05, "lr_scheduler": "cosine", "logging_steps": max(1, model.steps // 5),
@@ -150,8 +167,9 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
     }
     (work / "run.yaml").write_text(yaml.safe_dump(config))
     cfg = load_config(work / "run.yaml")
-    prepare.run(cfg)
-    trained = train_target(cfg, "sft")
+    with detail_prefix(f"zoo {model.name}, "):
+        prepare.run(cfg)
+        trained = train_target(cfg, "sft")
     trained_manifest = read_manifest(trained) or {}
     with build_output(folder, "zoo", fingerprint, started, spec=asdict(model),
                       train=trained_manifest.get("train_loss")) as building:
@@ -161,7 +179,7 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
         (building.folder / "README.md").write_text(
             f"# {model.name}: a fusechat zoo model\n\n{model.arch} ({model.hidden} × {model.layers}), "
             f"{model.tokenizer} tokenizer, trained with fusechat (λ = 1) on: "
-            + ", ".join(f"{s} ({n})" for s, n in model.skills.items()) + ".\n"
+            + ", ".join(f"{s} ({n})" for s, n in model.training_mix().items()) + ".\n"
         )
     shutil.rmtree(work, ignore_errors=True)
     console.print(f"zoo {model.name}: built in {time.time() - started:.0f} s → {folder}")
