@@ -53,7 +53,7 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
     # the implicit route: every prompt answered by both specialists, pairs built, DPO started from implicit-sft
     report = json.loads((run / "pairs" / "report.json").read_text())
     assert pipeline["implicit"]["pairs"] == report["pairs"] > 0
-    assert report["answers"] == 21 * 2 * 2 and set(report["per_model"]) == {"describer", "converter"}
+    assert report["answers"] == 21 * 2 * 3 and set(report["per_model"]) == {"pivot", "describer", "converter"}  # the pivot competes
     dpo = json.loads((run / "targets" / "implicit-dpo" / "manifest.json").read_text())
     assert dpo["steps"] == 2 and dpo["start"] == str(run / "targets" / "implicit-sft")
     assert "Implicit fusion:" in (tmp_path / "eval" / "results.md").read_text()
