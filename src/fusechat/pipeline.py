@@ -167,10 +167,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> Non
 def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options) -> None:
     """Make the run ready, then the given stages in order, all under one hold of the run directory's lock."""
     with run_lock(cfg.run_dir):
-        with stage_line("models") if len(stages) > 1 else nullcontext():
+        heading = stage_line if len(stages) > 1 else (lambda _: nullcontext())
+        with heading("models"):
             make_ready(cfg)
         for stage in stages:
-            with stage_line(stage) if len(stages) > 1 else nullcontext():
+            with heading(stage):
                 run_stage(stage, cfg, force=force, **options)
 
 

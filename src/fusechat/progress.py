@@ -61,7 +61,7 @@ def compact_console(log_path: Path):
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:
         saved_file = console._file  # None: follow sys.stderr, as before
         console.file = log
-        _compact.update(screen=screen, log=log, path=log_path, detail="")
+        _compact.update(screen=screen, detail="")
         try:
             with redirect_stdout(log), redirect_stderr(log):
                 yield screen

@@ -142,13 +142,11 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
 
     data = work / "train.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for skill, n in model.skills.items():
-            for c in conversations(skill, n, seed=model.seed, id_prefix=f"{model.name}-"):
-                f.write(json.dumps(c) + "\n")
         for skill, n in model.training_mix().items():
-            if skill not in model.skills:
-                for c in conversations(skill, n, seed=SHARED_SEED, id_prefix="shared-"):
-                    f.write(json.dumps(c) + "\n")
+            own = skill in model.skills
+            for c in conversations(skill, n, seed=model.seed if own else SHARED_SEED,
+                                   id_prefix=f"{model.name}-" if own else "shared-"):
+                f.write(json.dumps(c) + "\n")
     vocab = model.vocab_size or 10_000
     tok = build_tokenizer(model.tokenizer, tokenizer_corpus(), vocab_size=vocab,
                           chat_template=BUILTIN_TEMPLATES["openchat"].jinja)
