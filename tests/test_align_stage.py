@@ -113,6 +113,15 @@ def test_pivot_aligned_with_itself_is_the_identity(tmp_path, zoo):
                                softmax_rows(p.topk_logits)[aligned])
 
 
+def test_exact_spans_only_leave_the_prefix_positions_to_the_fallback(tmp_path, fused_run, zoo):
+    run_dir, _ = fused_run
+    _, outs = run_until(write_config(tmp_path, zoo, pivot="llama", sources=("gpt2",),
+                                     align={"prefix": False}), "align")
+    exact_only, both = manifest(outs[0])["coverage"], manifest(run_dir / "align" / "gpt2")["coverage"]
+    assert exact_only["prefix"] == 0 and exact_only["exact"] == both["exact"]
+    assert exact_only["fallback"] == both["fallback"] + both["prefix"] > both["fallback"]
+
+
 def test_dtw_method_runs_on_different_tokenizers(tmp_path, zoo):
     _, outs = run_until(write_config(tmp_path, zoo, pivot="llama", sources=("mistral",),
                                      align={"method": "dtw"}), "align")

@@ -362,3 +362,44 @@ def test_implicit_dpo_needs_implicit_sft_first(tmp_path, tiny_models):
     with pytest.raises(FusechatError, match="no complete implicit-sft target; run `fusechat train CONFIG "
                                             "--source implicit-sft` first"):
         train_run(cfg, source="implicit-dpo")
+
+
+def test_a_prompt_longer_than_the_models_context_is_named_before_any_answer(tmp_path, tiny_models):
+    long_text = " ".join(str(i) for i in range(1500))  # > 2,048 tokens of the byte-level tokenizer
+    data = write_jsonl(tmp_path / "t.jsonl", [
+        {"id": "short", "skill": "reverse", "conversations": [{"from": "human", "value": "hi"},
+                                                              {"from": "gpt", "value": "ih"}]},
+        {"id": "long", "skill": "reverse", "conversations": [{"from": "human", "value": long_text},
+                                                             {"from": "gpt", "value": "x"}]}])
+    cfg = load_run(implicit_config(tmp_path, tiny_models, data, sample={"models": ["src"]}))
+    make_ready(cfg)
+    with pytest.raises(DataError, match=r"1 prompt\(s\) too long for src: its context holds 2048 tokens, 6 of them "
+                                        r"kept for the answer .* a prompt may take 2042:\n  .*t.jsonl:2 "
+                                        r"\(record 'long'\): \d{4} tokens\n"):
+        run_stage("sample", cfg)
+    assert not list((Path(cfg.run_dir) / "samples").glob("*/shard-*.parquet"))
+
+
+def test_empty_answers_get_no_score_and_a_model_that_only_stops_is_an_error(tmp_path):
+    from fusechat.implicit.sample import check_not_all_empty, write_samples
+    from fusechat.implicit.score import score_rows
+    from fusechat.implicit.scorers import CheckerScorer
+    from fusechat.synthetic import skill_checker
+
+    prompts = [Prompt(i, f"r{i}", f"t.jsonl:{i + 1}", [{"role": "user", "content": "Reverse: abc"}],
+                      {"skill": "reverse", "key": "abc"}) for i in range(3)]
+    values = score_rows(CheckerScorer(skill_checker), prompts, ["", "cba", ""])
+    assert math.isnan(values[0]) and math.isnan(values[2]) and values[1] == 1.0
+
+    # an empty answer is never chosen: the other answer goes to the SFT set alone
+    sets = build_pairs(prompts[:1], {0: [Candidate("a", 0, "", math.nan), Candidate("a", 1, "bca", 0.3)]},
+                       PairsConfig(), ["a"], "pivot", wrpo=False)
+    assert [r["messages"][-1]["content"] for r in sets.sft] == ["bca"] and not sets.pairs
+
+    row = {"seq": 0, "id": "r0", "sample": 0, "new_tokens": 0, "finished": True}
+    write_samples(tmp_path / "shard-00000.parquet", [{**row, "response": ""}], {"samples": 1, "empty": 1})
+    write_samples(tmp_path / "shard-00001.parquet", [{**row, "response": ""}], {"samples": 1, "empty": 1})
+    with pytest.raises(FusechatError, match=r"sample src: all 2 answers are empty .* Check its chat template"):
+        check_not_all_empty("src", tmp_path)
+    write_samples(tmp_path / "shard-00001.parquet", [{**row, "response": "x"}], {"samples": 1, "empty": 0})
+    check_not_all_empty("src", tmp_path)

@@ -35,7 +35,8 @@ def test_the_real_config_runs_end_to_end_scaled_down(tmp_path, monkeypatch):
     cfg = load_run(CONFIG, overrides=[
         f"synthetic.train={counts}", "synthetic.eval_per_skill=2", "train.max_steps=2",
         "train.global_batch_size=4", "train.per_device_batch_size=4", "merge.baselines=[linear]",
-        "eval.max_new_tokens=4",
+        "eval.max_new_tokens=4", "route=both", "implicit.sample.max_prompts=4", "implicit.sample.max_new_tokens=8",
+        "implicit.dpo.max_steps=1", "implicit.dpo.global_batch_size=2", "implicit.dpo.per_device_batch_size=2",
     ])
     run_all(cfg)
     results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
@@ -46,3 +47,8 @@ def test_the_real_config_runs_end_to_end_scaled_down(tmp_path, monkeypatch):
     assert 0 < pipeline["alignment"]["gemma3"]["aligned_share"] <= 1
     assert set(pipeline["representation"]) == {"smollm2", "gemma3", "describer"}
     assert {"prepare", "represent", "align", "fuse", "train", "merge"} <= set(pipeline["stage_seconds"])
+    # the implicit route: every model answered through its own chat template, and both rows are in the table
+    assert {"implicit-sft", "implicit-dpo"} <= rows
+    for model in ("smollm2", "gemma3", "describer"):
+        manifest = json.loads((Path(cfg.run_dir) / "samples" / model / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["samples"] == 8

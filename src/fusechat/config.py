@@ -213,6 +213,10 @@ class RepresentConfig(Section):
 
 class AlignConfig(Section):
     method: Literal["offsets", "dtw"] = "offsets"
+    prefix: bool = Field(
+        True, description="offsets: where the next pivot token is no source token, derive its distribution from the "
+        "source's by byte prefixes; false: exact spans only, the other positions fall back (`unaligned`).",
+    )
     unaligned: Literal["one_hot", "drop"] = Field(
         "one_hot", description="Pivot positions with no source distribution: one-hot on the gold token, or dropped."
     )

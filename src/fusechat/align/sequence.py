@@ -168,11 +168,13 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     if n > 2 * m:  # far fewer steps over the other side, worth a transposed copy
         return dtw_matrix(np.ascontiguousarray(cost.T)).T
     cost = np.ascontiguousarray(cost)
-    # int32 halves the memory traffic; path sums stay below cost.max() * (n + m).
-    dtype = np.int32 if (int(cost.max()) if cost.size else 0) * (n + m) < np.iinfo(np.int32).max else np.int64
+    # The narrowest integer type that holds every path sum (below cost.max() * (n + m)): less memory traffic.
+    bound = (int(cost.max()) if cost.size else 0) * (n + m)
+    dtype = next(t for t in (np.int16, np.int32, np.int64) if bound < np.iinfo(t).max)
     D = np.empty((n, m), dtype=dtype)
     if n == 0 or m == 0:
         return D
+    cost = cost.astype(dtype, copy=False)
     running = np.cumsum(cost, axis=1, dtype=dtype)
     before = running - cost  # C[j] - cost[i, j]: the running sum before j, so A - C = min(...) - before
     D[0] = running[0]

@@ -159,7 +159,8 @@ def align_source(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     pair_counts = {(int(k // v_pivot), int(k % v_pivot)): int(c) for k, c in zip(keys, counts)}
     used = np.unique(np.concatenate(used_ids)).astype(np.int64) if used_ids else np.zeros(0, np.int64)
     vocab_map = build_vocab_map(source_tok, pivot_tok, pair_counts, needed=used)
-    aligner.use_vocab_map(vocab_map)
+    if cfg.align.prefix:
+        aligner.use_vocab_map(vocab_map)
 
     # Pass 2: projection.
     cases: Counter = Counter()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fusechat.config import ModelSpec, RunConfig, SampleConfig, stable_hash
 from fusechat.distributed import process_state
-from fusechat.errors import FusechatError
+from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.metrics import (
     ChatEncoder,
     batches,
@@ -28,12 +28,12 @@ from fusechat.evaluate.metrics import (
     pad_id,
     stop_ids,
 )
-from fusechat.implicit.prompts import Prompt, load_prompts, prompts_fingerprint
+from fusechat.implicit.prompts import MAX_LISTED_ERRORS, Prompt, load_prompts, prompts_fingerprint
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
 from fusechat.models import config_hash, device_map_for, load_causal_lm, load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, is_complete
-from fusechat.shards import _write_table, shard_files, shard_name
+from fusechat.shards import _write_table, shard_files, shard_meta, shard_name
 
 # Settings that change which answers are drawn (device and dtype aside, which change them by rounding only).
 _SAMPLING_KEYS = ("samples_per_prompt", "temperature", "top_p", "max_new_tokens", "batch_size", "shard_size", "seed")
@@ -90,6 +90,7 @@ def sample_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
     if todo:
         device_map = device_map_for(s.device, "implicit.sample.device", state.num_processes, state.device)
         lm = load_causal_lm(spec, s.dtype, device_map)
+        check_prompts_fit(spec.name, prompts, ChatEncoder(tokenizer), s.max_new_tokens, context_length(lm))
         with progress_bar() as bar:
             task = bar.add_task(f"sample {spec.name}", total=sum(len(_shard(prompts, i, s)) for i in todo))
             for shard in todo:
@@ -99,18 +100,51 @@ def sample_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
                 write_samples(work / shard_name(shard), rows, {
                     "shard": shard, "prompts": len(_shard(prompts, shard, s)), "samples": len(rows),
                     "new_tokens": sum(r["new_tokens"] for r in rows),
-                    "unfinished": sum(not r["finished"] for r in rows), "elapsed_s": time.time() - started,
+                    "unfinished": sum(not r["finished"] for r in rows),
+                    "empty": sum(not r["response"] for r in rows), "elapsed_s": time.time() - started,
                 })
         del lm
     state.wait_for_everyone()
     if state.is_main_process:
+        check_not_all_empty(spec.name, work)
         manifest = finish_work(work, out, "sample", fingerprint, num_shards, f"sample {spec.name}",
                                model=spec.name, path=spec.path, num_processes=state.num_processes,
                                settings=s.model_dump(mode="json"))
+        empty = f", {manifest['empty']} empty (left out when scoring)" if manifest["empty"] else ""
         console.print(f"sample {spec.name}: {manifest['samples']} answers to {manifest['prompts']} prompts "
-                      f"({manifest['unfinished']} cut at max_new_tokens) → {out}")
+                      f"({manifest['unfinished']} cut at max_new_tokens{empty}) → {out}")
     state.wait_for_everyone()
     return out
+
+
+def check_prompts_fit(model: str, prompts: list[Prompt], encoder: ChatEncoder, max_new_tokens: int,
+                      context: int | None) -> None:
+    """Every prompt fits ``model``'s context with room for its answer; else a DataError listing the records.
+
+    Generation would keep only a too-long prompt's last tokens, and the answer would answer another text."""
+    if not context:
+        return
+    _, max_new = fit_to_context([], max_new_tokens, context)
+    room = context - max_new
+    long = [(p, n) for p in prompts if (n := len(encoder.prompt_ids(p.messages))) > room]
+    if not long:
+        return
+    listed = "\n".join(f"  {p.where()}: {n} tokens" for p, n in long[:MAX_LISTED_ERRORS])
+    more = f"\n  ... and {len(long) - MAX_LISTED_ERRORS} more" if len(long) > MAX_LISTED_ERRORS else ""
+    raise DataError(f"{len(long)} prompt(s) too long for {model}: its context holds {context} tokens, "
+                    f"{max_new} of them kept for the answer (implicit.sample.max_new_tokens, at most half the "
+                    f"context), so a prompt may take {room}:\n{listed}{more}\n"
+                    "Shorten or remove these records, or lower implicit.sample.max_new_tokens.")
+
+
+def check_not_all_empty(model: str, work: Path) -> None:
+    """A model whose every answer is empty stops at once: its chat template or stop tokens are wrong."""
+    metas = [shard_meta(p) for p in shard_files(work).values()]
+    samples = sum(m.get("samples", 0) for m in metas)
+    if samples and sum(m.get("empty", 0) for m in metas) == samples:
+        raise FusechatError(f"sample {model}: all {samples} answers are empty (the model stops at once, or "
+                            "writes only special tokens). Check its chat template (docs/chat.md) and its stop "
+                            "tokens: `fusechat chat` with this model shows what it writes.")
 
 
 def _shard(prompts: list[Prompt], shard: int, s: SampleConfig) -> list[Prompt]:

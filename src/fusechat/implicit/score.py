@@ -98,10 +98,10 @@ def score_answers(cfg: RunConfig, force: bool = False, checker: Checker | None =
                     if missing:
                         raise FusechatError(f"{folders[rows[0]['model']]}: answers to prompt {missing[0]}, which "
                                             "the data no longer has; rerun `fusechat sample CONFIG --force`")
-                    values = scorer.score([prompts[r["seq"]] for r in rows], [r["response"] for r in rows])
+                    values = score_rows(scorer, [prompts[r["seq"]] for r in rows], [r["response"] for r in rows])
                     write_scores(work / shard_name(shard), rows, values, {
                         "shard": shard, "answers": len(rows), "unscored": sum(math.isnan(v) for v in values),
-                        "elapsed_s": time.time() - started})
+                        "empty": sum(not r["response"] for r in rows), "elapsed_s": time.time() - started})
                     bar.advance(task)
         finally:
             scorer.close()
@@ -112,6 +112,16 @@ def score_answers(cfg: RunConfig, force: bool = False, checker: Checker | None =
         console.print(f"score: {manifest['answers']} answers scored by {s.scorer} → {out}")
     state.wait_for_everyone()
     return out
+
+
+def score_rows(scorer, prompts: list, responses: list[str]) -> list[float]:
+    """The scorer's values; an empty answer is not scored (NaN), so it is never chosen nor rejected."""
+    kept = [i for i, r in enumerate(responses) if r]
+    values = [math.nan] * len(responses)
+    if kept:
+        for i, v in zip(kept, scorer.score([prompts[i] for i in kept], [responses[i] for i in kept])):
+            values[i] = v
+    return values
 
 
 def write_scores(path: Path, rows: list[dict], values: list[float], meta: dict) -> int:
