@@ -539,3 +539,27 @@ def test_dtw_agrees_with_the_research_algorithm(seed):
     b = [words[i] for i in rng.integers(0, len(words), size=33)]
     assert np.array_equal(align_dtw(a, b), align_dtw_research(a, b))
     assert np.array_equal(dtw_matrix(token_distance_matrix(a, b)), dtw_research(a, b).astype(np.int64))
+
+
+def test_max_ce_gates_a_sequence_that_no_candidate_knows_well():
+    from fusechat.align.project import ALIGNED, NO_TARGET
+    from fusechat.fuse import EXCLUDED, GATED, fuse_sequence
+    from fusechat.shards import AlignedRow, SequenceRep
+
+    mask = np.array([False, True, True])  # tokens 1 and 2 are the answer: positions 0 and 1 are scored
+    pivot = SequenceRep(0, "a", np.array([5, 6, 7]), np.zeros((3, 2), int), mask,
+                        np.array([[6, 1], [7, 1], [1, 2]]), np.zeros((3, 2), np.float16),
+                        ce=0.8, assistant_tokens=2, assistant_bytes=4, finite=True)
+    status = np.array([ALIGNED, ALIGNED, NO_TARGET], np.int8)
+    source = AlignedRow(0, "a", np.array([[6, 3], [7, 3], [0, 0]]), np.array([[0.9, 0.1], [0.9, 0.1], [0, 0]]),
+                        status, source_ce=1.0, source_tokens=4, source_bytes=4, source_finite=True)
+    # per byte: pivot 0.8 * 2 / 4 = 0.4, source 1.0 * 4 / 4 = 1.0 → the pivot is the best candidate
+    kept = fuse_sequence("min_ce", pivot, [source], "byte", 2, max_ce=0.4)
+    assert kept.choice == 0 and kept.in_loss.tolist() == [True, True, False]
+    gated = fuse_sequence("min_ce", pivot, [source], "byte", 2, max_ce=0.39)
+    assert gated.choice == GATED and not gated.in_loss.any()
+    assert fuse_sequence("avg_ce", pivot, [source], "byte", 2, max_ce=0.39).choice == GATED
+    # per token the pivot (0.8) is best again, under a gate of 0.9
+    assert fuse_sequence("min_ce", pivot, [source], "token", 2, max_ce=0.9).choice == 0
+    source.source_finite, pivot.finite = False, False
+    assert fuse_sequence("min_ce", pivot, [source], "byte", 2, max_ce=0.39).choice == EXCLUDED

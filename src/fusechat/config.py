@@ -225,6 +225,10 @@ class AlignConfig(Section):
 class FuseConfig(Section):
     method: Literal["min_ce", "multi", "avg_ce"] = "min_ce"
     ce_unit: Literal["token", "byte"] = "token"
+    max_ce: float | None = Field(
+        None, gt=0.0, description="A sequence whose best candidate's CE (nats per ce_unit) is above this leaves the "
+        "fusion term: no model teaches it well, so its gold answer alone trains it. None: every sequence stays.",
+    )
 
 
 class LoraConfig(Section):

@@ -15,7 +15,10 @@ candidate is excluded from the fusion loss and counted.
 
 Output ``<run_dir>/fuse/<source|multi>/shard-*.parquet``: ``FusedRow`` (the
 distributions, ``in_loss`` per position, the ``choice``: 0 pivot, j the j-th source
-of the set, −1 excluded, and each candidate's CE).
+of the set, −1 excluded, −2 gated, and each candidate's CE).
+
+``fuse.max_ce`` gates the fusion term: a sequence whose best candidate's CE is above
+it trains on its gold answer alone (no model knows it well enough to teach it).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from fusechat.shards import (
 )
 
 MULTI = "multi"
+EXCLUDED, GATED = -1, -2  # choices of a sequence out of the fusion term: no finite CE; best CE above fuse.max_ce
+OUT_LABELS = {EXCLUDED: "excluded", GATED: "gated"}
 FUSED_FORMAT = 2  # the shard layout (FusedRow); a new layout redoes older output
 
 
@@ -101,8 +106,12 @@ def in_loss(status: np.ndarray) -> np.ndarray:
     return (status == ALIGNED) | (status == ONE_HOT)
 
 
-def fuse_sequence(method: str, pivot_rep: SequenceRep, sources: list[AlignedRow], unit: str, k: int) -> FusedRow:
-    """The fused row of one sequence from the pivot's own representation and the sources' aligned rows."""
+def fuse_sequence(method: str, pivot_rep: SequenceRep, sources: list[AlignedRow], unit: str, k: int,
+                  max_ce: float | None = None) -> FusedRow:
+    """The fused row of one sequence from the pivot's own representation and the sources' aligned rows.
+
+    With ``max_ce``, a sequence whose best candidate's CE is above it is left out of the fusion term
+    (choice −1): no candidate knows its answer well, so a teacher would only pull it towards a poor guess."""
     p_ids, p_probs, p_status = pivot_distribution(pivot_rep.topk_ids, pivot_rep.topk_logits, pivot_rep.assistant_mask)
     candidates = [(p_ids, p_probs, in_loss(p_status))] + [(s.ids.astype(np.int64), s.probs.astype(np.float32),
                                                            in_loss(s.status)) for s in sources]
@@ -111,17 +120,14 @@ def fuse_sequence(method: str, pivot_rep: SequenceRep, sources: list[AlignedRow]
     finite = [pivot_rep.finite] + [bool(s.source_finite) for s in sources]
     row = lambda ids, probs, mask, choice: FusedRow(pivot_rep.seq, pivot_rep.id, ids, probs, mask, choice,  # noqa: E731
                                                     [float(c) for c in ces])
+    best = min_ce_choice(ces, finite)
+    if best < 0 or (max_ce is not None and ces[best] > max_ce):
+        return row(p_ids, p_probs, np.zeros(len(p_ids), bool), EXCLUDED if best < 0 else GATED)
     if method == "avg_ce":
-        weights = avg_ce_weights(ces, finite)
-        if not weights.any():
-            return row(p_ids, p_probs, np.zeros(len(p_ids), bool), -1)
-        ids, probs, present = mix(candidates, weights, k)
-        return row(ids, probs, present & candidates[0][2], int(np.argmax(weights)))
-    choice = min_ce_choice(ces, finite)
-    if choice < 0:
-        return row(p_ids, p_probs, np.zeros(len(p_ids), bool), -1)
-    ids, probs, mask = candidates[choice]
-    return row(ids, probs, mask, choice)
+        ids, probs, present = mix(candidates, avg_ce_weights(ces, finite), k)
+        return row(ids, probs, present & candidates[0][2], best)
+    ids, probs, mask = candidates[best]
+    return row(ids, probs, mask, best)
 
 
 def run(cfg: RunConfig, force: bool = False) -> list[Path]:
@@ -167,8 +173,8 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
             srcs = [next(r, None) for r in readers]
             if any(s is None or s.seq != p.seq for s in srcs):
                 raise FusechatError(f"alignments of {', '.join(sources)} do not match the pivot at sequence {p.id!r}")
-            fused = fuse_sequence(cfg.fuse.method, p, srcs, cfg.fuse.ce_unit, k)
-            choices["excluded" if fused.choice < 0 else labels[fused.choice]] += 1
+            fused = fuse_sequence(cfg.fuse.method, p, srcs, cfg.fuse.ce_unit, k, cfg.fuse.max_ce)
+            choices[OUT_LABELS.get(fused.choice) or labels[fused.choice]] += 1
             positions += int(fused.in_loss.sum())
             shards.add(fused)
             bar.advance(task)
@@ -176,12 +182,14 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
         building.manifest.update(
             name=name, pivot=cfg.pivot.name, sources=sources, candidates=labels, method=cfg.fuse.method,
             ce_unit=cfg.fuse.ce_unit, pivot_tokenizer_hash=pm["tokenizer_hash"], top_k=k,
-            sequences=pm["num_sequences"], choices={lbl: choices[lbl] for lbl in [*labels, "excluded"]},
+            sequences=pm["num_sequences"], choices={lbl: choices[lbl] for lbl in [*labels, "excluded", "gated"]},
+            max_ce=cfg.fuse.max_ce,
             positions_in_fusion_loss=positions, shards=shards.written,
         )
     console.print(summary_table(f"fuse {name} ({cfg.fuse.method}) → {out}", [
         *[(f"sequences choosing {lbl}", choices[lbl]) for lbl in labels],
         ("sequences excluded (no finite CE)", choices["excluded"]),
+        *([(f"sequences gated (best CE above {cfg.fuse.max_ce})", choices["gated"])] if cfg.fuse.max_ce else []),
         ("positions in the fusion loss", positions),
     ]))
     return out

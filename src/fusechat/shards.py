@@ -200,8 +200,8 @@ class FusedRow:
     """One sequence of the fuse stage: the distributions the target learns from.
 
     ``in_loss``: (T,) bool, position t is in the fusion term; ``choice``: the chosen
-    candidate (0 the pivot, j the j-th source of the set, −1 none: the sequence is out
-    of the fusion loss); ``candidate_ce``: each candidate's comparable CE, in the order
+    candidate (0 the pivot, j the j-th source of the set; the sequence out of the fusion
+    loss: −1 no finite CE, −2 best CE above ``fuse.max_ce``); ``candidate_ce``: each candidate's comparable CE, in the order
     of the fuse manifest's ``candidates``.
     """
 
