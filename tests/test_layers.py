@@ -21,7 +21,7 @@ LAYERS = {
               "fusechat.evaluate.rows", "fusechat.evaluate.retention", "fusechat.evaluate.mtbench.*",
               "fusechat.train.preference", "fusechat.implicit.pairs", "fusechat.implicit.prompts",
               "fusechat.implicit.scorers", "fusechat.implicit.work"],
-    "stages": ["fusechat.prepare", "fusechat.represent", "fusechat.align", "fusechat.align.stage", "fusechat.fuse",
+    "stages": ["fusechat.pivot_answers", "fusechat.prepare", "fusechat.represent", "fusechat.align", "fusechat.align.stage", "fusechat.fuse",
                "fusechat.train", "fusechat.train.stage", "fusechat.merge", "fusechat.merge.stage",
                "fusechat.evaluate", "fusechat.evaluate.stage", "fusechat.evaluate.mtbench",
                "fusechat.evaluate.mtbench.stage", "fusechat.implicit", "fusechat.implicit.sample",

@@ -156,6 +156,20 @@ class ModelSpec(Section):
         return self
 
 
+class PivotAnswersConfig(Section):
+    """The pivot's own greedy answers to general prompts, added to the training conversations."""
+
+    prompts: str = Field(
+        "builtin", description="builtin: fusechat's 64 general prompts (none of them MT-Bench's); or a text file "
+        "with one prompt per line.",
+    )
+    count: int | None = Field(None, gt=0, description="Use the first N prompts (default all).")
+    max_new_tokens: int = Field(128, gt=0, description="Longest answer, in tokens.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generate call.")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: a GPU if there is one.")
+
+
 class DataConfig(Section):
     """Training conversations."""
 
@@ -164,6 +178,10 @@ class DataConfig(Section):
     split: str = Field("train", description="Split to read from a dataset folder or hub dataset with several.")
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="error: stop at bad records, naming them; skip: drop and count them by reason."
+    )
+    pivot_answers: PivotAnswersConfig | None = Field(
+        None, description="Also train on the pivot's own answers to general prompts: they hold the targets near "
+        "the pivot's general chat (docs/prepare.md). Default: off.",
     )
 
     @field_validator("paths", mode="before")

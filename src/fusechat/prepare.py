@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusechat import pivot_answers
 from fusechat.config import RunConfig, stable_hash
 from fusechat.data.blocks import split_exchanges
 from fusechat.data.conversations import BadRecord, Conversation, parse_record
@@ -24,6 +25,7 @@ from fusechat.data.readers import iter_records
 from fusechat.data.templates import Rendered, get_template
 from fusechat.errors import DataError, FusechatError
 from fusechat.models import load_tokenizer, tokenizer_hash
+from fusechat.pivot_answers import training_paths
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import RunDir, build_output, is_complete, require_complete, sha256_tree
 
@@ -169,7 +171,7 @@ class Preparer:
 
 def iter_conversations(cfg: RunConfig, stats: PrepareStats) -> Iterator[Conversation | BadRecord]:
     """Every record of every data file, parsed; bad ones come back as ``BadRecord``."""
-    for path in cfg.data.paths:
+    for path in training_paths(cfg):
         for where, record in iter_records(path, cfg.data.split):
             stats.records += 1
             if isinstance(record, BadRecord):
@@ -190,7 +192,7 @@ def check_records(cfg: RunConfig) -> tuple[int, list[BadRecord]]:
 
 def input_fingerprint(cfg: RunConfig, tok_hash: str) -> tuple[str, dict]:
 
-    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in cfg.data.paths}
+    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in training_paths(cfg)}
     payload = {"config": cfg.section_hash("data", "prepare"), "tokenizer": tok_hash, "inputs": inputs}
     return stable_hash(payload), inputs
 
@@ -203,6 +205,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
     datasets.disable_progress_bars()  # fusechat draws its own
 
+    pivot_answers.run(cfg, force)
     out = RunDir(cfg.run_dir).stage("prepare")
     tokenizer = load_tokenizer(cfg.pivot)
     template = get_template(cfg.prepare.template, tokenizer)
@@ -254,7 +257,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                 flush()
         writer.finalize()
         if stats.rows == 0:
-            raise DataError(f"no usable conversation in {', '.join(cfg.data.paths)} ({stats.records} records read)")
+            raise DataError(f"no usable conversation in {', '.join(training_paths(cfg))} ({stats.records} records read)")
         Dataset.from_file(str(arrow_path)).save_to_disk(str(tmp / "dataset"))
         arrow_path.unlink()
         building.manifest.update(

@@ -33,6 +33,7 @@ from fusechat.shards import shard_problem
 STAGES = ("prepare", "represent", "align", "fuse", "sample", "score", "train", "merge", "eval")
 # Folder of each stage's output under the run directory.
 STAGE_DIRS = {
+    "pivot_answers": "pivot_answers",
     "prepare": "prepared",
     "represent": "represent",
     "align": "align",
