@@ -33,7 +33,11 @@ def test_loss_by_hand():
     # fusion at position 0: -(0.5 log 1/3 + 0.5 log 1/3) = log 3.
     assert parts.gold.item() == pytest.approx(gold, rel=1e-6)
     assert parts.fusion.item() == pytest.approx(math.log(3), rel=1e-6)
-    assert parts.loss.item() == pytest.approx(0.9 * gold + 0.1 * math.log(3), rel=1e-6)
+    # per position: 0.9·gold + 0.1·fusion at position 0, gold alone at position 1 (not in the fusion term)
+    assert parts.loss.item() == pytest.approx((0.9 * math.log(3) + 0.1 * math.log(3) + math.log(2)) / 2, rel=1e-6)
+    full = fusion_loss(logits, labels, fused_ids, fused_probs, torch.tensor([[True, True, False]]), lam=0.9)
+    # both positions fused (the paper's case): 0.9·mean gold + 0.1·mean fusion, fusion at 1 = -log(2/4)
+    assert full.loss.item() == pytest.approx(0.9 * gold + 0.1 * (math.log(3) + math.log(2)) / 2, rel=1e-6)
     assert (parts.gold_tokens, parts.fusion_positions) == (2, 1)
 
 

@@ -50,24 +50,27 @@ def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     gold_mask = targets != IGNORE_INDEX
     n_gold = int(gold_mask.sum())
     use_fusion = lam < 1.0 and fused_ids is not None
-    # As fusion_loss: without fused targets the loss is the gold term alone, whatever λ.
-    gold_weight = lam if use_fusion else 1.0
-    gold_coef = gold_mask.float() * (gold_weight / max(n_gold, 1))  # (n,)
+    # As fusion_loss: without fused targets the loss is the gold term alone, whatever λ; with them, each
+    # position's λ·gold + (1 − λ)·fusion (gold alone outside the fusion term), averaged over the positions.
+    gold_coef = gold_mask.float() / max(n_gold, 1)  # (n,)
     active = gold_mask
     ids = q = fusion_coef = None
     n_fusion = 0
-    kl_const = hidden.new_zeros((), dtype=torch.float32)
+    kl_const = kl_mean = hidden.new_zeros((), dtype=torch.float32)
     if use_fusion:
         k = fused_ids.shape[-1]
         ids = fused_ids[:, :-1].reshape(n, k).long()
         q = teacher_with_temperature(fused_probs[:, :-1].float(), temperature).reshape(n, k)
         fmask = fusion_mask[:, :-1].reshape(n).bool()
         n_fusion = int(fmask.sum())
-        fusion_coef = fmask.float() * ((1.0 - lam) / max(n_fusion, 1))
         active = active | fmask
+        n_active = max(int(active.sum()), 1)
+        gold_coef = gold_mask.float() * torch.where(fmask, lam, 1.0) / n_active
+        fusion_coef = fmask.float() * ((1.0 - lam) / n_active)
         if kind == "kl":  # the teacher's negative entropy: a constant, no gradient
             neg_entropy = torch.where(q > 0, q * q.clamp_min(1e-30).log(), torch.zeros_like(q)).sum(-1)
-            kl_const = (neg_entropy * fmask).sum() / max(n_fusion, 1)
+            kl_const = (1.0 - lam) * (neg_entropy * fmask).sum() / n_active
+            kl_mean = (neg_entropy * fmask).sum() / max(n_fusion, 1)
     rows = active.nonzero().squeeze(-1)  # (n_active,)
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
@@ -85,9 +88,8 @@ def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     gold = gold_sum / max(n_gold, 1)
     if not use_fusion:
         return LossParts(loss, gold, loss.new_zeros(()), n_gold, 0)
-    fusion = fusion_sum / max(n_fusion, 1) + kl_const
-    loss = loss + (1.0 - lam) * kl_const
-    return LossParts(loss, gold, fusion, n_gold, n_fusion)
+    fusion = fusion_sum / max(n_fusion, 1) + kl_mean
+    return LossParts(loss + kl_const, gold, fusion, n_gold, n_fusion)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

@@ -44,6 +44,11 @@ def fusion_loss(
 ) -> LossParts:
     """logits: (B, T, V); labels: (B, T), −100 where no loss; position t is scored on token t + 1.
 
+    Per position: λ·CE(gold) + (1 − λ)·CE(fused) where the position is in the fusion term,
+    CE(gold) alone where it is not (a gated sequence, a dropped position); the mean over
+    the positions with either term. Where every gold position is in the fusion term (the
+    paper's case) this is λ·mean CE(gold) + (1 − λ)·mean CE(fused).
+
     fused_ids, fused_probs: (B, T, k), the target distribution at position t (predicting
     token t + 1); fusion_mask: (B, T) True where position t is in the fusion term.
     With ``lam == 1`` the fused tensors are not used and may be None.
@@ -69,18 +74,23 @@ def fusion_loss(
         per_position = per_position + torch.where(q > 0, q * q.clamp_min(1e-30).log(), torch.zeros_like(q)).sum(-1)
     n_fusion = int(mask.sum())
     fusion = (per_position * mask).sum() / max(n_fusion, 1)
-    loss = lam * gold + (1.0 - lam) * fusion
+    gold_weight = torch.where(mask, lam, 1.0)
+    loss = ((gold_nll * gold_mask * gold_weight).sum() + (1.0 - lam) * (per_position * mask).sum()) / max(
+        int((gold_mask | mask).sum()), 1)
     return LossParts(loss, gold.detach(), fusion.detach(), n_gold, n_fusion)
 
 
 def dense_reference(logits, labels, fused_ids, fused_probs, fusion_mask, lam: float) -> torch.Tensor:
-    """The same loss with a dense (B, T, V) target, as the research code computes it; for tests."""
+    """The same loss with a dense (B, T, V) target, as the research code builds it; for tests."""
     logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    gold = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    if lam == 1.0:
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
     dense = torch.zeros_like(logprobs)
     dense.scatter_add_(-1, fused_ids[:, :-1].long(), fused_probs[:, :-1].float())
     per_position = -(dense * logprobs).sum(-1)
     mask = fusion_mask[:, :-1]
-    fusion = (per_position * mask).sum() / mask.sum().clamp_min(1)
-    return lam * gold + (1 - lam) * fusion
+    gold_mask = labels[:, 1:] != IGNORE_INDEX
+    gold_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp_min(0), reduction="none")
+    total = (gold_nll * gold_mask * torch.where(mask, lam, 1.0)).sum() + (1 - lam) * (per_position * mask).sum()
+    return total / (gold_mask | mask).sum().clamp_min(1)
