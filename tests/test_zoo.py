@@ -47,3 +47,29 @@ def test_every_zoo_tokenizer_reads_every_skill(tmp_path):
         for text in texts:
             decoded = tok.decode(tok(text, add_special_tokens=False)["input_ids"])
             assert "".join(decoded.split()) == "".join(text.split()), (kind, text)
+
+
+def test_a_zoo_model_built_in_a_worker_is_the_one_thread_build_and_a_failure_names_its_log(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from fusechat.errors import FusechatError
+    from fusechat.zoo.build import build_model, build_models
+
+    model = MICRO.models[2]
+    build_models([(tmp_path / "worker", model)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_model(tmp_path / "here", model)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (load_file(tmp_path / where / "models" / "converter" / "model.safetensors") for where in ("worker", "here"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "worker" / "work" / "converter.log").exists()  # removed after a good build
+
+    bad = ZooModel("bad", "nope", "char", 0, 16, 1, {"convert": 4}, steps=1, batch_size=2)
+    with pytest.raises(FusechatError, match=r"zoo bad: .*nope.* \(its output: .*work/bad.log\)"):
+        build_models([(tmp_path / "worker", bad)])
+    assert (tmp_path / "worker" / "work" / "bad.log").exists()

@@ -32,7 +32,7 @@ from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.progress import console
 from fusechat.rundir import atomic_dir, atomic_write_json, read_manifest, sha256_file
-from fusechat.zoo.build import ZOO_FOLDERS, build_model, spec_hash, zoo_model, zoo_refs
+from fusechat.zoo.build import ZOO_FOLDERS, ZooModel, build_models, spec_hash, zoo_model, zoo_refs
 
 ORIGIN_FILE = "origin.json"
 
@@ -152,7 +152,8 @@ def _zoo_model_is_built(ref: str, folder: Path) -> bool:
             and manifest.get("fingerprint") == spec_hash(found[1]))
 
 
-def build_zoo_model(ref: str, folder: Path) -> Path:
+def zoo_job(ref: str, folder: Path) -> tuple[Path, ZooModel]:
+    """(zoo folder, model) that builds the zoo model ``ref`` into ``folder``."""
     found = zoo_model(ref)
     if found is None:
         raise FusechatError(zoo_problem(ref))
@@ -160,7 +161,26 @@ def build_zoo_model(ref: str, folder: Path) -> Path:
     if folder.parent.name != "models" or folder.name != model.name:
         raise FusechatError(f"zoo model {ref!r}: its path must end in models/{model.name} (a zoo folder), "
                             f"not {folder}")
-    return build_model(folder.parent.parent, model)  # reuses a complete folder of the same spec
+    return folder.parent.parent, model
+
+
+def build_zoo_model(ref: str, folder: Path) -> Path:
+    build_models([zoo_job(ref, folder)])  # reuses a complete folder of the same spec
+    return folder
+
+
+def ensure_zoo_models(specs: list[ModelSpec]) -> None:
+    """Build every zoo model of ``specs`` not built yet, side by side (``fusechat.zoo.build.build_models``)."""
+    jobs = {}
+    for spec in specs:
+        if spec.zoo is not None:
+            out, model = zoo_job(spec.zoo, model_folder(spec))
+            jobs[(out, model.name)] = (out, model)
+    jobs = list(jobs.values())
+    state = process_state("auto")
+    if state.is_main_process and jobs:
+        build_models(jobs)
+    state.wait_for_everyone()
 
 
 def zoo_skills(ref: str) -> list[str]:

@@ -17,6 +17,7 @@ from fusechat.errors import ConfigError
 from fusechat.merge.registry import METHODS, check_merge_settings
 from fusechat.model_sources import (
     ensure_converted,
+    ensure_zoo_models,
     is_converted,
     model_folder,
     source_problem,
@@ -146,6 +147,7 @@ def make_ready(cfg: RunConfig) -> None:
     with run_lock(cfg.run_dir):
         RunDir(cfg.run_dir).save_config(cfg.to_yaml())
     ensure_synthetic(cfg)
+    ensure_zoo_models(cfg.models)
     for spec in cfg.models:
         ensure_converted(spec)
 

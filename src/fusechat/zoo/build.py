@@ -13,8 +13,12 @@ same spec is reused.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import yaml
 from fusechat import prepare
 from fusechat.config import load_config, stable_hash
 from fusechat.data.templates import BUILTIN_TEMPLATES
+from fusechat.errors import FusechatError
 from fusechat.progress import console, detail_prefix
 from fusechat.rundir import build_output, read_manifest
 from fusechat.train.stage import train_target
@@ -121,20 +126,71 @@ def spec_hash(model: ZooModel) -> str:
 def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[str, Path]:
     """Build (or reuse) every model of ``spec`` under ``out/models``; returns name -> folder."""
     out = Path(out)
-    folders = {}
-    for model in spec.models:
-        folders[model.name] = build_model(out, model, force)
-    return folders
+    build_models([(out, model) for model in spec.models], force)
+    return {model.name: out / "models" / model.name for model in spec.models}
+
+
+def is_built(out: Path, model: ZooModel) -> bool:
+    manifest = read_manifest(Path(out) / "models" / model.name) or {}
+    return bool(manifest.get("complete")) and manifest.get("fingerprint") == spec_hash(model)
+
+
+def build_models(jobs: list[tuple[Path, ZooModel]], force: bool = False) -> None:
+    """Build the zoo models of ``jobs`` ((zoo folder, model) pairs) that are not complete.
+
+    Each model trains in its own process on one CPU thread, as many at a time as there are
+    cores, the longest first. Models this small gain nothing from a second thread, so the
+    cores are better spent on another model; and one thread makes the same model on every
+    machine, whatever its core count. A process's output goes to ``<zoo>/work/<model>.log``,
+    kept when the build fails.
+    """
+    todo = [(Path(out), m) for out, m in jobs if force or not is_built(out, m)]
+    for out, m in jobs:
+        if not force and is_built(out, m):
+            console.print(f"zoo {m.name}: {Path(out) / 'models' / m.name} is complete, reusing it")
+    if not todo:
+        return
+    todo.sort(key=lambda job: -job[1].steps * job[1].batch_size)
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pool
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        running = {pool.submit(_build_alone, out, m, force): (out, m) for out, m in todo}
+        failed = []
+        for done in as_completed(running):
+            out, m = running[done]
+            log = out / "work" / f"{m.name}.log"
+            try:
+                seconds = done.result()
+            except Exception as e:  # noqa: BLE001 - reported with the model's log below
+                failed.append(f"zoo {m.name}: {e} (its output: {log})")
+                continue
+            log.unlink(missing_ok=True)
+            console.print(f"zoo {m.name}: built in {seconds:.0f} s → {out / 'models' / m.name}")
+    if failed:
+        raise FusechatError("\n".join(failed))
+
+
+def _build_alone(out: Path, model: ZooModel, force: bool) -> float:
+    """In a worker process: one torch thread, output into the model's log; the build's wall time."""
+    import torch
+
+    torch.set_num_threads(1)
+    log = out / "work" / f"{model.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(log, "w", encoding="utf-8", buffering=1) as f, redirect_stdout(f), redirect_stderr(f):
+        console.file = f
+        build_model(out, model, force)
+    return time.time() - started
 
 
 def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
-
+    """Build one zoo model in this process (``build_models`` runs it in a worker)."""
     folder = out / "models" / model.name
-    fingerprint = spec_hash(model)
-    manifest = read_manifest(folder)
-    if not force and manifest and manifest.get("complete") and manifest.get("fingerprint") == fingerprint:
+    if not force and is_built(out, model):
         console.print(f"zoo {model.name}: {folder} is complete, reusing it")
         return folder
+    fingerprint = spec_hash(model)
     started = time.time()
     work = out / "work" / model.name
     shutil.rmtree(work, ignore_errors=True)
