@@ -89,7 +89,7 @@ def test_min_ce_choices_follow_the_cross_entropies(fused_run):
                                    softmax_rows(p.topk_logits)[in_loss])
             else:
                 np.testing.assert_array_equal(row.ids, aligned[row.seq].ids)
-        assert manifest(run_dir / "fuse" / source)["choices"] == {**counts, "excluded": 0}
+        assert manifest(run_dir / "fuse" / source)["choices"] == {**counts, "excluded": 0, "gated": 0}
 
 
 def test_pivot_aligned_with_itself_is_the_identity(tmp_path, zoo):
@@ -155,7 +155,7 @@ def test_other_fusion_methods(tmp_path, zoo, method, unit):
             in_loss = row.in_loss
             np.testing.assert_allclose(row.probs[in_loss].astype(np.float32).sum(axis=1), 1.0, atol=2e-3)
     if method == "multi":
-        assert set(manifest(outs[0])["choices"]) == {"pivot", "mistral", "gpt2", "excluded"}
+        assert set(manifest(outs[0])["choices"]) == {"pivot", "mistral", "gpt2", "excluded", "gated"}
 
 
 def test_align_before_represent_is_an_error(tmp_path, zoo):
