@@ -111,7 +111,7 @@ def fuse_sequence(method: str, pivot_rep: SequenceRep, sources: list[AlignedRow]
     """The fused row of one sequence from the pivot's own representation and the sources' aligned rows.
 
     With ``max_ce``, a sequence whose best candidate's CE is above it is left out of the fusion term
-    (choice −1): no candidate knows its answer well, so a teacher would only pull it towards a poor guess."""
+    (choice ``GATED``): no candidate knows its answer well, so a teacher would only pull it towards a poor guess."""
     p_ids, p_probs, p_status = pivot_distribution(pivot_rep.topk_ids, pivot_rep.topk_logits, pivot_rep.assistant_mask)
     candidates = [(p_ids, p_probs, in_loss(p_status))] + [(s.ids.astype(np.int64), s.probs.astype(np.float32),
                                                            in_loss(s.status)) for s in sources]
