@@ -1,6 +1,15 @@
 """Errors that fusechat reports to the user as a message, never as a traceback."""
 
 
+MAX_LISTED = 20  # problems an error message lists before "... and N more"
+
+
+def listed(lines: list[str], limit: int = MAX_LISTED) -> str:
+    """The first ``limit`` lines, indented, and how many more there are."""
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n".join(f"  {line}" for line in lines[:limit]) + more
+
+
 class FusechatError(Exception):
     """A problem with the user's input or environment; the message says what to fix."""
 

@@ -23,14 +23,15 @@ from fusechat.data.conversations import BadRecord, Conversation, parse_record
 from fusechat.data.masks import assistant_token_mask, labels_from_mask
 from fusechat.data.readers import iter_records
 from fusechat.data.templates import Rendered, get_template
-from fusechat.errors import DataError, FusechatError
+from fusechat.errors import MAX_LISTED, DataError, FusechatError, listed
 from fusechat.models import load_tokenizer, tokenizer_hash
 from fusechat.pivot_answers import training_paths
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import RunDir, build_output, is_complete, require_complete, sha256_tree
 
-MAX_LISTED_ERRORS = 20
 SKIPPED_FILE = "skipped.jsonl"
+
+MAX_LISTED_ERRORS = MAX_LISTED  # bad records an error lists by name
 
 
 def features():
@@ -217,10 +218,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     started = time.time()
     total, bad = check_records(cfg)
     if bad and cfg.data.on_bad_record == "error":
-        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED_ERRORS])
-        more = f"\n  ... and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
         raise DataError(
-            f"{len(bad)} bad record(s) in the training data:\n{listed}{more}\n"
+            f"{len(bad)} bad record(s) in the training data:\n{listed([str(b) for b in bad])}\n"
             "Fix them, or set data.on_bad_record: skip to drop and count them."
         )
 

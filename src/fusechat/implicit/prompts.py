@@ -13,10 +13,8 @@ from pathlib import Path
 from fusechat.config import RunConfig, stable_hash
 from fusechat.data.conversations import BadRecord, parse_record
 from fusechat.data.readers import iter_records
-from fusechat.errors import DataError
+from fusechat.errors import DataError, listed
 from fusechat.rundir import sha256_tree
-
-MAX_LISTED_ERRORS = 20
 
 
 @dataclass
@@ -68,9 +66,7 @@ def _subset(cfg: RunConfig, prompts: list[Prompt]) -> list[Prompt]:
 
 def _checked(cfg: RunConfig, prompts: list[Prompt], bad: list[BadRecord]) -> list[Prompt]:
     if bad and cfg.data.on_bad_record == "error":
-        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED_ERRORS])
-        more = f"\n  ... and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
-        raise DataError(f"{len(bad)} bad record(s) in the training data:\n{listed}{more}\n"
+        raise DataError(f"{len(bad)} bad record(s) in the training data:\n{listed([str(b) for b in bad])}\n"
                         "Fix them, or set data.on_bad_record: skip to drop them.")
     if not prompts:
         raise DataError(f"no prompt to sample answers for in {', '.join(cfg.data.paths)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fusechat.config import ModelSpec, RunConfig, SampleConfig, stable_hash
 from fusechat.distributed import process_state
-from fusechat.errors import DataError, FusechatError
+from fusechat.errors import DataError, FusechatError, listed
 from fusechat.evaluate.metrics import (
     ChatEncoder,
     batches,
@@ -28,7 +28,7 @@ from fusechat.evaluate.metrics import (
     pad_id,
     stop_ids,
 )
-from fusechat.implicit.prompts import MAX_LISTED_ERRORS, Prompt, load_prompts, prompts_fingerprint
+from fusechat.implicit.prompts import Prompt, load_prompts, prompts_fingerprint
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
 from fusechat.models import config_hash, device_map_for, load_causal_lm, load_tokenizer, tokenizer_hash
 from fusechat.progress import console, progress_bar
@@ -129,11 +129,10 @@ def check_prompts_fit(model: str, prompts: list[Prompt], encoder: ChatEncoder, m
     long = [(p, n) for p in prompts if (n := len(encoder.prompt_ids(p.messages))) > room]
     if not long:
         return
-    listed = "\n".join(f"  {p.where()}: {n} tokens" for p, n in long[:MAX_LISTED_ERRORS])
-    more = f"\n  ... and {len(long) - MAX_LISTED_ERRORS} more" if len(long) > MAX_LISTED_ERRORS else ""
     raise DataError(f"{len(long)} prompt(s) too long for {model}: its context holds {context} tokens, "
                     f"{max_new} of them kept for the answer (implicit.sample.max_new_tokens, at most half the "
-                    f"context), so a prompt may take {room}:\n{listed}{more}\n"
+                    f"context), so a prompt may take {room}:\n"
+                    f"{listed([f'{p.where()}: {n} tokens' for p, n in long])}\n"
                     "Shorten or remove these records, or lower implicit.sample.max_new_tokens.")
 
 

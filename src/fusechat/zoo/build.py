@@ -144,9 +144,11 @@ def build_models(jobs: list[tuple[Path, ZooModel]], force: bool = False) -> None
     machine, whatever its core count. A process's output goes to ``<zoo>/work/<model>.log``,
     kept when the build fails.
     """
-    todo = [(Path(out), m) for out, m in jobs if force or not is_built(out, m)]
+    todo = []
     for out, m in jobs:
-        if not force and is_built(out, m):
+        if force or not is_built(out, m):
+            todo.append((Path(out), m))
+        else:
             console.print(f"zoo {m.name}: {Path(out) / 'models' / m.name} is complete, reusing it")
     if not todo:
         return
