@@ -438,3 +438,12 @@ def test_loss_along_lines_meets_the_models_at_its_ends_and_the_average_in_the_mi
     assert line["pivot → a"][2] == pytest.approx(bpb["a"], abs=1e-3)
     assert line["a → b"][2] == pytest.approx(bpb["b"], abs=1e-3)
     assert line["a → b"][1] == pytest.approx(bpb["avg"], abs=1e-3)  # the midpoint is the equal-weight average
+
+
+def test_path_loss_items_are_taken_evenly_through_every_skill():
+    from fusechat.merge.analysis import spread
+
+    items = [f"{skill}-{i}" for skill in "abcd" for i in range(5)]  # 20 items grouped by skill, as eval files are
+    assert spread(items, 4) == ["a-0", "b-0", "c-0", "d-0"]
+    assert spread(items, 8) == ["a-0", "a-2", "b-0", "b-2", "c-0", "c-2", "d-0", "d-2"]
+    assert spread(items, 20) == items and spread(items, 50) == items

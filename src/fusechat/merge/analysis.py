@@ -119,11 +119,19 @@ def write_path_losses(cfg: RunConfig, inputs, folder: Path, max_items: int = 200
     if not cfg.eval.data:
         console.print("merge analysis: no eval.data, so no loss along the lines between the models")
         return None
-    items = [it for path in cfg.eval.data for it in load_items(path)][:max_items]
+    items = spread(items=[it for path in cfg.eval.data for it in load_items(path)], count=max_items)
     result = path_losses(cfg, inputs, items, batch_size=cfg.eval.batch_size)
     atomic_write_json(folder / "path_losses.json", result)
     path_picture(result, folder / "path_losses.png")
     return folder / "path_losses.json"
+
+
+def spread(items: list, count: int) -> list:
+    """At most ``count`` items taken evenly through the list: eval files are grouped by skill, and the first
+    ``count`` would leave the last skills out."""
+    if len(items) <= count:
+        return items
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def path_picture(result: dict, path: Path) -> None:
