@@ -59,3 +59,30 @@ def test_prompts_from_a_file_and_their_errors(tmp_path, zoo):
     missing = with_pivot_answers(tmp_path, zoo, prompts=str(tmp_path / "nowhere.txt"))
     with pytest.raises(DataError, match=r"data.pivot_answers.prompts: no file .*nowhere.txt"):
         prepare.run(missing)
+
+
+def test_sampled_answers_are_seeded_and_follow_the_pivots_distribution(tmp_path, zoo):
+    import torch
+
+    for name in "gsao":
+        (tmp_path / name).mkdir()
+    greedy = with_pivot_answers(tmp_path / "g", zoo, count=4)
+    sampled = with_pivot_answers(tmp_path / "s", zoo, count=4, temperature=1.0, seed=3)
+    again = with_pivot_answers(tmp_path / "a", zoo, count=4, temperature=1.0, seed=3)
+    other = with_pivot_answers(tmp_path / "o", zoo, count=4, temperature=1.0, seed=4)
+    texts = {}
+    for name, cfg in [("greedy", greedy), ("sampled", sampled), ("again", again), ("other", other)]:
+        pivot_answers.run(cfg)
+        texts[name] = pivot_answers.answers_file(cfg).read_text()
+    assert texts["sampled"] == texts["again"]  # one seed, one set of answers
+    assert texts["sampled"] != texts["other"] and texts["sampled"] != texts["greedy"]
+    # the same draws by hand: seed, then transformers' sampling from the full distribution at temperature 1
+    lm, tok = load_causal_lm(sampled.pivot), load_tokenizer(sampled.pivot)
+    items = [EvalItem(f"g{i}", "general", "distribution", [{"role": "user", "content": p}])
+             for i, p in enumerate(GENERAL_PROMPTS[:4])]
+    torch.manual_seed(3)
+    expected = generate_answers(lm, tok, items, 6, 2, temperature=1.0)
+    records = [json.loads(line) for line in texts["sampled"].splitlines()]
+    assert [r["conversations"][1]["value"] for r in records] == [a for a in expected if a]
+    assert json.loads((pivot_answers.answers_file(sampled).parent / "manifest.json").read_text())[
+        "settings"]["temperature"] == 1.0

@@ -157,7 +157,7 @@ class ModelSpec(Section):
 
 
 class PivotAnswersConfig(Section):
-    """The pivot's own greedy answers to general prompts, added to the training conversations."""
+    """The pivot's own answers (greedy or sampled) to general prompts, added to the training conversations."""
 
     prompts: str = Field(
         "builtin", description="builtin: fusechat's 64 general prompts (none of them MT-Bench's); or a text file "
@@ -165,6 +165,11 @@ class PivotAnswersConfig(Section):
     )
     count: int | None = Field(None, gt=0, description="Use the first N prompts (default all).")
     max_new_tokens: int = Field(128, gt=0, description="Longest answer, in tokens.")
+    temperature: float = Field(
+        0.0, ge=0.0, description="0: the greedy answer; above 0: sampled at this temperature (seeded by `seed`). "
+        "Sampled answers follow the pivot's own distribution, so their gold term pulls it nowhere on average.",
+    )
+    seed: int = Field(0, description="Seed of the sampling (with temperature above 0).")
     batch_size: int = Field(16, gt=0, description="Prompts per generate call.")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: a GPU if there is one.")

@@ -2,8 +2,10 @@
 
 Fine-tuning on narrow data (a few skills, short answers) moves a chat model away
 from its general chat. Training also on what the pivot itself answers to general
-prompts holds it there: the gold term is the pivot's own greedy answer, and MinCE
-picks the pivot's own distribution for these sequences, which no source knows
+prompts holds it there: the gold term is the pivot's own answer (greedy, or
+sampled at ``temperature``: a sampled answer follows the pivot's distribution, so its
+gold term pulls the pivot nowhere on average, where a greedy one sharpens it), and
+MinCE picks the pivot's own distribution for these sequences, which no source knows
 better. The answers come from the pivot's own chat template (as ``fusechat eval``
 generates) and are written to ``<run_dir>/pivot_answers/answers.jsonl`` (ShareGPT
 records) with a manifest; prepare reads that file after ``data.paths``.
@@ -74,8 +76,12 @@ def run(cfg: RunConfig, force: bool = False) -> Path | None:
              for i, p in enumerate(prompts)]
     with progress_bar() as bar:
         task = bar.add_task(f"pivot answers ({cfg.pivot.name})", total=len(items))
+        if settings.temperature > 0:
+            import torch
+
+            torch.manual_seed(settings.seed)
         answers = generate_answers(model, tokenizer, items, settings.max_new_tokens, settings.batch_size,
-                                   lambda n: bar.advance(task, n))
+                                   lambda n: bar.advance(task, n), settings.temperature)
     del model
     records = [{"id": it.id, "conversations": [{"from": "human", "value": it.messages[0]["content"]},
                                                {"from": "gpt", "value": a}]}

@@ -169,11 +169,12 @@ def fit_to_context(prompts: list[list[int]], max_new_tokens: int, context: int |
 
 
 def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int, batch_size: int,
-                     on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy answers, one string per item: new tokens up to the first stop token, special tokens skipped, stripped.
+                     on_batch: Callable[[int], None] | None = None, temperature: float = 0.0) -> list[str]:
+    """Answers, one string per item: new tokens up to the first stop token, special tokens skipped, stripped.
 
-    Batches are left-padded so every prompt ends at the same column and the
-    new tokens start together.
+    Greedy unless ``temperature`` is above 0 (then sampled from the full distribution at that
+    temperature; the caller seeds torch). Batches are left-padded so every prompt ends at the
+    same column and the new tokens start together.
     """
     import torch
     from transformers import GenerationConfig
@@ -183,8 +184,10 @@ def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: in
                                              context_length(model))
     stops = stop_ids(model, tokenizer)
     pad = pad_id(tokenizer, stops)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=stops or None, pad_token_id=pad)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {
+        "do_sample": False}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stops or None,
+                              pad_token_id=pad, **sampling)
     answers = [""] * len(items)
     for idx in batches([len(p) for p in prompts], batch_size):
         ids, mask = pad_batch([prompts[i] for i in idx], pad, "left")
