@@ -61,7 +61,7 @@ def test_prompts_from_a_file_and_their_errors(tmp_path, zoo):
         prepare.run(missing)
 
 
-def test_sampled_answers_are_seeded_and_follow_the_pivots_distribution(tmp_path, zoo):
+def test_sampled_answers_are_seeded_and_are_not_the_greedy_ones(tmp_path, zoo):
     import torch
 
     for name in "gsao":
