@@ -73,3 +73,42 @@ def test_a_zoo_model_built_in_a_worker_is_the_one_thread_build_and_a_failure_nam
     with pytest.raises(FusechatError, match=r"zoo bad: .*nope.* \(its output: .*work/bad.log\)"):
         build_models([(tmp_path / "worker", bad)])
     assert (tmp_path / "worker" / "work" / "bad.log").exists()
+
+
+def test_a_chatml_zoo_model_reads_chatml_turns_and_ends_them_with_its_eos(tmp_path):
+    from fusechat.data.conversations import Message
+    from fusechat.data.templates import BUILTIN_TEMPLATES
+    from fusechat.zoo.build import build_model
+
+    model = ZooModel("describer", "mixtral", "sp_bpe", 400, 16, 1, {"describe": 8}, steps=1, batch_size=2,
+                     template="chatml")
+    folder = build_model(tmp_path, model)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.eos_token == "<|im_end|>"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert text == BUILTIN_TEMPLATES["chatml"].render([Message(**m) for m in messages], tok.eos_token).text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.eos_token_id) == 2  # each turn's end is the one eos token, not its characters
+    assert "".join(tok.decode(ids).split()) == "".join(text.split())
+    assert "through the chatml chat template" in (folder / "README.md").read_text()
+
+
+def test_the_template_choice_keeps_the_fingerprint_of_openchat_models_and_the_demo_refuses_other_zoos(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from fusechat.config import stable_hash
+    from fusechat.demo import write_config
+    from fusechat.errors import FusechatError
+    from fusechat.zoo.build import CHATML_ZOO, DESCRIBER, spec_hash
+
+    without_template = {k: v for k, v in dataclasses.asdict(DESCRIBER).items() if k != "template"}
+    assert spec_hash(DESCRIBER) == stable_hash(without_template)  # zoos built before the field stay valid
+    chatml = CHATML_ZOO.models[0]
+    assert chatml.template == "chatml" and dataclasses.replace(chatml, template="openchat") == DESCRIBER
+    assert spec_hash(chatml) != spec_hash(DESCRIBER)
+    with pytest.raises(FusechatError, match="unknown zoo 'chatml'; choose one of demo, micro"):
+        write_config(tmp_path, zoo="chatml")

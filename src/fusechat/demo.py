@@ -19,7 +19,7 @@ from fusechat.errors import FusechatError
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.pipeline import load_run, run_all
 from fusechat.progress import compact_console, console
-from fusechat.zoo.build import ZOO_FOLDERS, ZOOS
+from fusechat.zoo.build import DEMO_ZOOS, ZOO_FOLDERS, ZOOS
 
 DEFAULT_OUT = "fusechat-demo"
 LOG_NAME = "demo.log"
@@ -34,8 +34,8 @@ def demo_config_path() -> Path:
 
 def write_config(out: Path, zoo: str = "demo") -> Path:
     """configs/demo.yaml with its ``fusechat-demo/`` paths under ``out`` and the models of ``zoo``; its path."""
-    if zoo not in ZOOS:
-        raise FusechatError(f"unknown zoo {zoo!r}; choose one of {', '.join(ZOOS)}")
+    if zoo not in DEMO_ZOOS:
+        raise FusechatError(f"unknown zoo {zoo!r}; choose one of {', '.join(DEMO_ZOOS)}")
     raw = yaml.safe_load(demo_config_path().read_text(encoding="utf-8"))
 
     def move(value):

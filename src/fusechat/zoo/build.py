@@ -3,7 +3,8 @@
 Each zoo model has its own architecture, tokenizer family, size and skills. It is
 initialised from a transformers config and trained with fusechat's own prepare and
 train stages (λ = 1, plain fine-tuning) on plenty of conversations of its skills,
-then saved in Hugging Face format with its tokenizer and the OpenChat chat template.
+then saved in Hugging Face format with its tokenizer and its chat template (OpenChat, or
+ChatML for the models of the ``chatml`` zoo, which real ChatML pivots such as SmolLM2 fuse).
 Besides its specialties, a demo zoo model sees a small shared mixture of every other skill
 (the same conversations for every model), so that, like real chat LLMs, each one is a
 generalist with its own strengths. A model whose folder holds a complete manifest for the
@@ -19,7 +20,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -51,6 +52,7 @@ class ZooModel:
     seed: int = 0
     shared: int = 0  # conversations of every other skill, from the shared mixture
     max_length: int = 256  # tokens per conversation in training
+    template: str = "openchat"  # the built-in chat template it is trained through (TEMPLATE_TOKENS)
 
     def training_mix(self) -> dict[str, int]:
         """Skill -> conversations: the specialties, then the shared mixture's other skills."""
@@ -72,10 +74,11 @@ SHARED_SEED = 500
 
 # The demo's zoo: four generalists, each a different architecture, tokenizer family and size.
 # The Llama pivot is the weakest on the specialists' skills; each specialist masters its own.
+DESCRIBER = ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000},
+                     steps=1500, shared=30)
 DEMO_ZOO = ZooSpec(models=(
     ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200, shared=30),
-    ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000}, steps=1500,
-             shared=30),
+    DESCRIBER,
     ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "convert": 4000}, steps=1500,
              shared=30),
     # Character-level addition is learnt all at once, after about 75,000 examples: batches of 64.
@@ -89,10 +92,16 @@ MICRO_ZOO = ZooSpec(models=(
     ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
 ))
 
+# The demo's describer trained through ChatML: a source for a run whose template is ChatML, the
+# template of a ChatML pivot's own (configs/real-smollm2-gemma3.yaml). Through OpenChat text the
+# demo's describer knows its skills and through ChatML text it does not, and the other way round.
+CHATML_ZOO = ZooSpec(models=(replace(DESCRIBER, template="chatml"),))
+
 # Zoo name -> spec. A config's `zoo:` entry names a model of the demo zoo (`describer`) or of
 # another zoo (`micro/describer`); it lives in `<zoo folder>/models/<model>`.
-ZOOS = {"demo": DEMO_ZOO, "micro": MICRO_ZOO}
-ZOO_FOLDERS = {"demo": "zoo", "micro": "zoo-micro"}
+ZOOS = {"demo": DEMO_ZOO, "micro": MICRO_ZOO, "chatml": CHATML_ZOO}
+ZOO_FOLDERS = {"demo": "zoo", "micro": "zoo-micro", "chatml": "zoo-chatml"}
+DEMO_ZOOS = ("demo", "micro")  # the zoos `fusechat demo` fuses: a pivot and sources, all through OpenChat
 
 
 def zoo_model(ref: str) -> tuple[str, ZooModel] | None:
@@ -107,12 +116,17 @@ def zoo_refs() -> list[str]:
     return [m.name if zoo == "demo" else f"{zoo}/{m.name}" for zoo, spec in ZOOS.items() for m in spec.models]
 
 
-TEMPLATE_TEXT = ["GPT4 Correct User: ", "GPT4 Correct Assistant: "]
+# Template -> (its text for the tokenizer's corpus, the end-of-sequence token). A ChatML model's
+# eos is `<|im_end|>`, so that the text's turn ends are one token and generation stops there.
+TEMPLATE_TOKENS = {
+    "openchat": (["GPT4 Correct User: ", "GPT4 Correct Assistant: "], "</s>"),
+    "chatml": (["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"], "<|im_end|>"),
+}
 
 
-def tokenizer_corpus(seed: int = 0) -> list[str]:
+def tokenizer_corpus(seed: int = 0, template: str = "openchat") -> list[str]:
     """Text of every skill (so that every tokenizer covers every character) and the template."""
-    texts = list(TEMPLATE_TEXT)
+    texts = list(TEMPLATE_TOKENS[template][0])
     for skill in SKILLS:
         for c in conversations(skill, 400, seed=1000 + seed):
             texts += [t["value"] for t in c["conversations"]]
@@ -120,7 +134,10 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
 
 
 def spec_hash(model: ZooModel) -> str:
-    return stable_hash(asdict(model))
+    fields = asdict(model)
+    if fields["template"] == "openchat":
+        del fields["template"]  # the fingerprint of a model built before templates were a choice
+    return stable_hash(fields)
 
 
 def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[str, Path]:
@@ -206,8 +223,8 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
                                    id_prefix=f"{model.name}-" if own else "shared-"):
                 f.write(json.dumps(c) + "\n")
     vocab = model.vocab_size or 10_000
-    tok = build_tokenizer(model.tokenizer, tokenizer_corpus(), vocab_size=vocab,
-                          chat_template=BUILTIN_TEMPLATES["openchat"].jinja)
+    tok = build_tokenizer(model.tokenizer, tokenizer_corpus(template=model.template), vocab_size=vocab,
+                          eos=TEMPLATE_TOKENS[model.template][1], chat_template=BUILTIN_TEMPLATES[model.template].jinja)
     init_model(model.arch, tok, out_dir=work / "init", seed=model.seed, hidden=model.hidden, layers=model.layers,
                heads=4, max_positions=512)
     config = {
@@ -215,7 +232,7 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
         "pivot": {"name": model.name, "path": str(work / "init")},
         "sources": [{"name": "itself", "path": str(work / "init")}],
         "data": {"paths": [str(data)]},
-        "prepare": {"template": "openchat", "max_length": model.max_length},
+        "prepare": {"template": model.template, "max_length": model.max_length},
         "train": {"lambda": 1.0, "max_steps": model.steps, "learning_rate": model.learning_rate,
                   "global_batch_size": model.batch_size, "per_device_batch_size": model.batch_size,
                   "warmup_ratio": 0.05, "lr_scheduler": "cosine", "logging_steps": max(1, model.steps // 5),
@@ -234,7 +251,8 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
                 shutil.copyfile(f, building.folder / f.name)
         (building.folder / "README.md").write_text(
             f"# {model.name}: a fusechat zoo model\n\n{model.arch} ({model.hidden} × {model.layers}), "
-            f"{model.tokenizer} tokenizer, trained with fusechat (λ = 1) on: "
+            f"{model.tokenizer} tokenizer, trained with fusechat (λ = 1) through the {model.template} "
+            "chat template on: "
             + ", ".join(f"{s} ({n})" for s, n in model.training_mix().items()) + ".\n"
         )
     shutil.rmtree(work, ignore_errors=True)
