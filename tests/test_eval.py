@@ -320,6 +320,28 @@ def test_stage_rows_files_and_skip(tmp_path, zoo, qa_models, monkeypatch, capsys
     assert "Rerun with --force" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_merge_of_targets_retrained_since_is_left_out_of_the_table(tmp_path, zoo, capsys):
+    from fusechat.evaluate.rows import model_rows
+
+    config = write_config(tmp_path, zoo, pivot="llama", sources=("mistral",),
+                          merge={"method": "varm", "baselines": ["ties", "linear"]})
+    run = tmp_path / "run"
+
+    def manifest(folder, **fields):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"complete": True, **fields}))
+
+    manifest(run / "targets" / "mistral", fingerprint="t2")  # retrained: t1 before
+    manifest(run / "targets" / "sft", fingerprint="s1")
+    manifest(run / "merged" / "varm", fingerprint="m1", target_fingerprints={"mistral": "t2", "sft": "s1"})
+    manifest(run / "merged" / "ties", fingerprint="m2", target_fingerprints={"mistral": "t1", "sft": "s1"})
+    manifest(run / "merged" / "linear", fingerprint="m3")  # made by a fusechat that did not record them: kept
+    rows = model_rows(load_config(config))
+    assert [r.name for r in rows] == ["pivot", "mistral", "target-mistral", "sft", "varm", "linear"]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"leaving out {run / 'merged' / 'ties'}: it was merged from other versions of mistral" in said
+
+
 def test_stage_needs_eval_data(tmp_path, zoo, capsys):
     config = write_config(tmp_path, zoo)
     with pytest.raises(SystemExit) as exit_info:

@@ -125,6 +125,8 @@ def test_varm_matrix_granularity_by_hand(hand_run, monkeypatch, block):
     assert weights[Q] == [0.2, 0.8] and weights[K] == [0.0, 1.0] and weights[name] == [0.5, 0.5]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["warnings"] == []
+    # the version of each target it was made from: make_target's fingerprint is the target's name
+    assert manifest["target_fingerprints"] == {name: name for name in manifest["targets"]}
 
 
 def test_varm_layer_and_model_granularity_by_hand(hand_run, monkeypatch):

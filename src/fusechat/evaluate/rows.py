@@ -8,6 +8,7 @@ from pathlib import Path
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
 from fusechat.models import config_hash, row_spec
+from fusechat.progress import console
 from fusechat.rundir import RunDir, read_manifest
 
 SKIPPED_MERGE_FOLDERS = ("analysis",)
@@ -33,9 +34,23 @@ def model_rows(cfg: RunConfig) -> list[Row]:
         label = folder.name if folder.name in plain else f"target-{folder.name}"
         rows.append(Row(label, str(folder), read_manifest(folder)["fingerprint"], "target"))
     for folder in _complete_folders(rundir.stage("merge"), [cfg.merge.method, *cfg.merge.baselines]):
-        if folder.name not in SKIPPED_MERGE_FOLDERS:
-            rows.append(Row(folder.name, str(folder), read_manifest(folder)["fingerprint"], "merge"))
+        if folder.name in SKIPPED_MERGE_FOLDERS:
+            continue
+        manifest = read_manifest(folder)
+        changed = retrained_targets(rundir, manifest)
+        if changed:
+            console.print(f"eval: leaving out {folder}: it was merged from other versions of "
+                          f"{', '.join(changed)} (retrained since); `fusechat merge CONFIG --force` remakes it")
+            continue
+        rows.append(Row(folder.name, str(folder), manifest["fingerprint"], "merge"))
     return _unique(rows)
+
+
+def retrained_targets(rundir: RunDir, merge_manifest: dict) -> list[str]:
+    """The targets a merge was made from whose folder now holds another version (or none)."""
+    made_from = merge_manifest.get("target_fingerprints") or {}  # absent in merges of older fusechat versions
+    return [name for name, fingerprint in made_from.items()
+            if (read_manifest(rundir.stage("train", name)) or {}).get("fingerprint") != fingerprint]
 
 
 def folder_rows(paths: list[str]) -> list[Row]:

@@ -160,6 +160,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) ->
     used_weights: dict[str, list[float]] = {}
     moved = [False] * len(inputs.targets)
     with build_output(out, "merge", fingerprint, method=name, pivot=cfg.pivot.path, targets=inputs.names,
+                      target_fingerprints=dict(zip(inputs.names, inputs.fingerprints)),
                       settings=settings, seed=cfg.merge.seed) as building, progress_bar() as bar:
         writer = StreamingWriter(building.folder, plan, int(cfg.merge.max_shard_size_mb * 2**20),
                                  metadata={"fusechat_merge": name})
