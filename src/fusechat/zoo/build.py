@@ -92,9 +92,9 @@ MICRO_ZOO = ZooSpec(models=(
     ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
 ))
 
-# The demo's describer trained through ChatML: a source for a run whose template is ChatML, the
-# template of a ChatML pivot's own (configs/real-smollm2-gemma3.yaml). Through OpenChat text the
-# demo's describer knows its skills and through ChatML text it does not, and the other way round.
+# The demo's describer trained through ChatML, a source for runs read through a ChatML pivot's own
+# template (configs/real-smollm2-gemma3.yaml): a zoo model knows its skills only through the
+# template it was trained on.
 CHATML_ZOO = ZooSpec(models=(replace(DESCRIBER, template="chatml"),))
 
 # Zoo name -> spec. A config's `zoo:` entry names a model of the demo zoo (`describer`) or of
