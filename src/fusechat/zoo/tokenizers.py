@@ -23,14 +23,9 @@ from tokenizers import (
     trainers,
 )
 
-KINDS = ("byte_bpe", "sp_bpe", "char")
+from fusechat.data.templates import CHATML_JINJA  # noqa: F401 - the tests' ChatML tokenizers use it
 
-CHATML_JINJA = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+KINDS = ("byte_bpe", "sp_bpe", "char")
 
 
 def build_tokenizer(
