@@ -693,6 +693,25 @@ def test_reference_bits_only_generate_no_answers_and_skip_items_beyond_the_conte
         settings(bench_dir, answers=False, judge=str(tiny["judge"]))
 
 
+def test_a_folder_with_other_weights_is_scored_again(tiny, bench_dir, tmp_path):
+    """Retrained weights in the same folder, config.json unchanged: the cached reference bits are not reused."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["alpha"], model)
+    assert (tiny["alpha"] / "config.json").read_bytes() == (tiny["beta"] / "config.json").read_bytes()
+
+    def average_bits(folder, out):
+        out = mt_bench_folders([str(folder)], tmp_path / out, settings(bench_dir, answers=False))
+        return json.loads((out / "results.json").read_text())["reference_bits_per_byte"][folder.name]["average"]
+
+    alpha = average_bits(model, "out")
+    shutil.copyfile(tiny["beta"] / "model.safetensors", model / "model.safetensors")
+    beta = average_bits(tiny["beta"], "beta")
+    assert beta != alpha
+    assert average_bits(model, "out") == beta
+
+
 def test_a_run_skips_mt_bench_without_its_data_when_asked(tiny, tmp_path, capsys):
     config = run_config(tmp_path, tiny, tmp_path / "absent",
                         mt_bench={"data_dir": str(tmp_path / "absent"), "skip_if_missing": True, "answers": False})

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -281,3 +282,27 @@ def test_bf16_runs_and_stays_close_to_fp32(tmp_path, zoo):
         ces[dtype] = [r.ce for r in read_representation(outs[0])]
         assert json.loads((outs[0] / "manifest.json").read_text())["dtype"] == dtype
     np.testing.assert_allclose(ces["bf16"], ces["fp32"], rtol=0.05)
+
+
+# ------------------------------------------------------------------ what a cached representation is made from
+
+
+def test_model_hash_changes_with_the_weights_not_only_the_config(tmp_path, zoo):
+    from fusechat.config import ModelSpec
+    from fusechat.models import model_hash
+
+    folder = tmp_path / "model"
+    shutil.copytree(zoo["llama"], folder)
+    spec = ModelSpec(name="m", path=str(folder))
+    before = model_hash(spec)
+    assert model_hash(spec) == before  # nothing touched: the same model
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # retrained weights: same size, same config.json
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert model_hash(spec) != before
+    hub = ModelSpec(name="h", path="org/model", revision="abc")
+    assert model_hash(hub) == model_hash(ModelSpec(name="other", path="org/model", revision="abc"))
+    assert model_hash(hub) != model_hash(ModelSpec(name="h", path="org/model", revision="def"))

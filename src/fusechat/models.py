@@ -142,13 +142,25 @@ def load_causal_lm(spec: ModelSpec, dtype: str = "fp32", device_map=None):
     return model
 
 
-def config_hash(spec: ModelSpec) -> str:
-    """Hash of the model's config.json (local folders); the path and revision for hub ids."""
+def model_hash(spec: ModelSpec) -> str:
+    """What a model is, for the stages that cache what they compute from it.
+
+    A local folder: its config.json and each top-level file's name, size and modification time, so
+    weights retrained into the same folder (an unchanged config) read as another model and nothing
+    computed from the old ones is reused. A hub id: its path and revision.
+    """
     from pathlib import Path
 
-    config = Path(spec.path) / "config.json"
-    data = config.read_bytes() if config.is_file() else f"{spec.path}@{spec.revision}".encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+    folder = Path(spec.path)
+    config = folder / "config.json"
+    if not config.is_file():
+        return hashlib.sha256(f"{spec.path}@{spec.revision}".encode()).hexdigest()[:16]
+    h = hashlib.sha256(config.read_bytes())
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def device_map_for(device: str, setting: str = "device", processes: int = 1, process_device=None):

@@ -21,7 +21,7 @@ from fusechat.data.general_prompts import GENERAL_PROMPTS
 from fusechat.errors import DataError
 from fusechat.evaluate.items import EvalItem
 from fusechat.evaluate.metrics import generate_answers
-from fusechat.models import config_hash, device_map_for, load_causal_lm, load_tokenizer, tokenizer_hash
+from fusechat.models import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, build_output, is_complete
 
@@ -65,7 +65,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path | None:
     prompts = read_prompts(settings)
     tokenizer = load_tokenizer(cfg.pivot)
     fingerprint = stable_hash({
-        "pivot": {"path": cfg.pivot.path, "revision": cfg.pivot.revision, "config": config_hash(cfg.pivot),
+        "pivot": {"path": cfg.pivot.path, "revision": cfg.pivot.revision, "model": model_hash(cfg.pivot),
                   "tokenizer": tokenizer_hash(tokenizer)},
         "prompts": prompts, "settings": settings.model_dump(mode="json", exclude={"prompts", "count", "device"}),
     })

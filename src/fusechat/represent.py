@@ -25,10 +25,10 @@ from fusechat.data.masks import assistant_token_mask
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.models import (
-    config_hash,
     device_map_for,
     load_causal_lm,
     load_tokenizer,
+    model_hash,
     tokenizer_hash,
 )
 from fusechat.prepare import load_prepared
@@ -250,7 +250,7 @@ class Representer:
 def model_fingerprint(cfg: RunConfig, spec: ModelSpec, tok_hash: str, prepared_fp: str) -> str:
 
     payload = {
-        "prepared": prepared_fp, "path": spec.path, "revision": spec.revision, "config": config_hash(spec),
+        "prepared": prepared_fp, "path": spec.path, "revision": spec.revision, "model": model_hash(spec),
         "tokenizer": tok_hash, "top_k": cfg.represent.top_k, "dtype": cfg.represent.dtype,
     }
     return stable_hash(payload)
@@ -299,7 +299,7 @@ def represent_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Pat
         _drop_damaged_shards(out, n, size, spec.name, announce=not (old or {}).get("complete"))
         manifest = new_manifest(
             "represent", fingerprint, model=spec.name, path=spec.path, revision=spec.revision,
-            config_hash=config_hash(spec), tokenizer_hash=tok_hash, prepared_fingerprint=prepared_manifest["fingerprint"],
+            model_hash=model_hash(spec), tokenizer_hash=tok_hash, prepared_fingerprint=prepared_manifest["fingerprint"],
             vocab_size=len(tokenizer), top_k=cfg.represent.top_k,
             dtype=cfg.represent.dtype, num_sequences=n, shard_size=size, num_shards=num_shards,
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
-from fusechat.models import config_hash, row_spec
+from fusechat.models import model_hash, row_spec
 from fusechat.progress import console
 from fusechat.rundir import RunDir, read_manifest
 
@@ -25,8 +25,8 @@ class Row:
 
 def model_rows(cfg: RunConfig) -> list[Row]:
     """pivot, sources, complete targets (explicit, then implicit-sft, implicit-dpo), complete merges, in that order."""
-    rows = [Row("pivot", cfg.pivot.path, config_hash(cfg.pivot), "pivot")]
-    rows += [Row(s.name, s.path, config_hash(s), "source") for s in cfg.sources]
+    rows = [Row("pivot", cfg.pivot.path, model_hash(cfg.pivot), "pivot")]
+    rows += [Row(s.name, s.path, model_hash(s), "source") for s in cfg.sources]
     rundir = RunDir(cfg.run_dir)
     sources = [s.name for s in cfg.sources]
     plain = ("sft", "multi", *IMPLICIT_ROWS)  # rows named as their folders
@@ -61,7 +61,7 @@ def folder_rows(paths: list[str]) -> list[Row]:
         if name in rows:
             raise FusechatError(f"--models: {rows[name].path} and {p} are both named {name!r}; rows are named "
                                 "after the folders, so give them different names")
-        rows[name] = Row(name, p, config_hash(row_spec(name, p)), "folder")
+        rows[name] = Row(name, p, model_hash(row_spec(name, p)), "folder")
     return list(rows.values())
 
 

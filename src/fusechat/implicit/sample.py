@@ -30,7 +30,7 @@ from fusechat.evaluate.metrics import (
 )
 from fusechat.implicit.prompts import Prompt, load_prompts, prompts_fingerprint
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
-from fusechat.models import config_hash, device_map_for, load_causal_lm, load_tokenizer, tokenizer_hash
+from fusechat.models import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, is_complete
 from fusechat.shards import _write_table, shard_files, shard_meta, shard_name
@@ -53,7 +53,7 @@ def model_fingerprint(cfg: RunConfig, spec: ModelSpec, tok_hash: str) -> str:
     s = cfg.implicit.sample
     return stable_hash({
         "prompts": prompts_fingerprint(cfg), "path": spec.path, "revision": spec.revision,
-        "config": config_hash(spec), "tokenizer": tok_hash, "sampling": {k: getattr(s, k) for k in _SAMPLING_KEYS},
+        "model": model_hash(spec), "tokenizer": tok_hash, "sampling": {k: getattr(s, k) for k in _SAMPLING_KEYS},
     })
 
 

@@ -31,7 +31,7 @@ from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.fuse import MULTI, multi_config
-from fusechat.models import load_causal_lm, load_tokenizer, tokenizer_hash
+from fusechat.models import load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
 from fusechat.prepare import load_prepared
 from fusechat.progress import compact_active, console, stage_detail
 from fusechat.rundir import (
@@ -120,7 +120,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
     if data is None:
         data = {"prepared": (read_manifest(rundir.stage("prepare")) or {}).get("fingerprint")}
     payload = {**data, "fused": (fused_manifest or {}).get("fingerprint"),
-               "pivot": cfg.pivot.path, "train": cfg.section_hash("train")}
+               "pivot": {"path": cfg.pivot.path, "model": model_hash(cfg.pivot)}, "train": cfg.section_hash("train")}
     fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"train {name}"):
         if state.is_main_process and not cfg.train.keep_checkpoints:
