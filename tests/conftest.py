@@ -26,7 +26,8 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tmp_path_factory):
     """One saved tokenizer folder per family: byte_bpe, sp_bpe, char (all with a ChatML chat template)."""
-    from fusechat.zoo.tokenizers import CHATML_JINJA, KINDS, build_tokenizer
+    from fusechat.data.templates import CHATML_JINJA
+    from fusechat.zoo.tokenizers import KINDS, build_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     dirs = {}

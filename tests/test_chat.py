@@ -23,7 +23,7 @@ def _build(out_dir, chat_template):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fusechat.zoo.tokenizers import CHATML_JINJA
+    from fusechat.data.templates import CHATML_JINJA
 
     out = tmp_path_factory.mktemp("chat") / "tiny-llama"
     model, tok = _build(out, CHATML_JINJA)

@@ -179,7 +179,8 @@ def test_answer_bits_match_a_forward_pass_by_hand(qa_models):
 
 
 def test_scored_tokens_end_with_the_end_of_turn_token():
-    from fusechat.zoo.tokenizers import CHATML_JINJA, build_tokenizer
+    from fusechat.data.templates import CHATML_JINJA
+    from fusechat.zoo.tokenizers import build_tokenizer
 
     texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there<|im_end|>\n"] * 3
     special = build_tokenizer("byte_bpe", texts, vocab_size=300, eos="<|im_end|>", bos=None,

@@ -34,8 +34,9 @@ def _llama_cpp_order(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def write_tiny_gguf(path: Path, arch: str = "llama"):
     """A tiny Llama and its byte-level BPE tokenizer written as GGUF; returns (model, tokenizer)."""
+    from fusechat.data.templates import CHATML_JINJA
     from fusechat.zoo.models import build_model
-    from fusechat.zoo.tokenizers import CHATML_JINJA, build_tokenizer
+    from fusechat.zoo.tokenizers import build_tokenizer
 
     tok = build_tokenizer("byte_bpe", CORPUS * 3, vocab_size=300, bos="<|im_start|>", eos="<|im_end|>",
                           chat_template=CHATML_JINJA)

@@ -95,8 +95,9 @@ def bench_dir(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Two answering models and a judge: tiny random Llamas on one byte-level ChatML tokenizer."""
+    from fusechat.data.templates import CHATML_JINJA
     from fusechat.zoo.models import build_model
-    from fusechat.zoo.tokenizers import CHATML_JINJA, build_tokenizer
+    from fusechat.zoo.tokenizers import build_tokenizer
 
     root = tmp_path_factory.mktemp("mtbench-models")
     texts = [t for q in QUESTIONS for t in q["turns"]] * 3 + [t for r in REFERENCES for t in r["choices"][0]["turns"]]
@@ -389,8 +390,8 @@ def test_local_judge_records_unparsable_ratings_as_unrated(tiny, bench_dir, tmp_
 
 
 def test_local_judge_without_system_role_gets_the_system_prompt_in_the_user_turn(tiny):
+    from fusechat.data.templates import CHATML_JINJA
     from fusechat.evaluate.mtbench.judge import LocalJudge
-    from fusechat.zoo.tokenizers import CHATML_JINJA
 
     model, tokenizer = load(tiny["judge"])
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "

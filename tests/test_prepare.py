@@ -10,8 +10,9 @@ from fusechat import prepare
 from fusechat.cli import main
 from fusechat.config import load_config
 from fusechat.data.masks import IGNORE_INDEX, assistant_token_mask
+from fusechat.data.templates import CHATML_JINJA
 from fusechat.errors import FusechatError
-from fusechat.zoo.tokenizers import CHATML_JINJA, build_tokenizer
+from fusechat.zoo.tokenizers import build_tokenizer
 
 USER = "GPT4 Correct User: "  # 19 characters
 ASSISTANT = "GPT4 Correct Assistant: "  # 24 characters

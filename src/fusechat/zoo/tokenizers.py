@@ -23,8 +23,6 @@ from tokenizers import (
     trainers,
 )
 
-from fusechat.data.templates import CHATML_JINJA  # noqa: F401 - the tests' ChatML tokenizers use it
-
 KINDS = ("byte_bpe", "sp_bpe", "char")
 
 
