@@ -563,3 +563,22 @@ def test_max_ce_gates_a_sequence_that_no_candidate_knows_well():
     assert fuse_sequence("min_ce", pivot, [source], "token", 2, max_ce=0.9).choice == 0
     source.source_finite, pivot.finite = False, False
     assert fuse_sequence("min_ce", pivot, [source], "byte", 2, max_ce=0.39).choice == EXCLUDED
+
+
+def test_teacher_sums_measure_the_fused_distribution_against_the_gold_tokens():
+    from fusechat.fuse import teacher_summary, teacher_sums
+    from fusechat.shards import FusedRow
+
+    input_ids = np.array([4, 6, 7, 9])  # positions 1 and 2 are fused: they teach tokens 7 and 9
+    ids = np.array([[0, 0], [7, 3], [3, 9], [0, 0]])
+    probs = np.array([[0, 0], [0.5, 0.5], [0.75, 0.25], [0, 0]], np.float32)
+    fused = FusedRow(0, "a", ids, probs, np.array([False, True, True, False]), 1, [1.0, 0.5])
+    sums = teacher_sums(fused, input_ids)
+    # p(gold): 0.5 and 0.25; top token gold: yes (a tie goes to the first) and no; entropy: ln 2 and
+    # −(0.75 ln 0.75 + 0.25 ln 0.25)
+    entropy = np.log(2) - (0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    np.testing.assert_allclose(sums, [2, 0.75, 1, entropy])
+    assert teacher_summary(sums) == {"positions": 2, "gold_prob": 0.375, "top_is_gold": 0.5,
+                                     "entropy": round(entropy / 2, 4)}
+    fused.in_loss[:] = False
+    assert teacher_sums(fused, input_ids).tolist() == [0, 0, 0, 0]

@@ -89,7 +89,13 @@ def test_min_ce_choices_follow_the_cross_entropies(fused_run):
                                    softmax_rows(p.topk_logits)[in_loss])
             else:
                 np.testing.assert_array_equal(row.ids, aligned[row.seq].ids)
-        assert manifest(run_dir / "fuse" / source)["choices"] == {**counts, "excluded": 0, "gated": 0}
+        m = manifest(run_dir / "fuse" / source)
+        assert m["choices"] == {**counts, "excluded": 0, "gated": 0}
+        teachers = m["teachers"]
+        assert sum(t["positions"] for t in teachers.values()) == m["positions_in_fusion_loss"]
+        assert set(teachers) == {lbl for lbl, n in counts.items() if n}
+        for t in teachers.values():
+            assert 0 <= t["gold_prob"] <= 1 and 0 <= t["top_is_gold"] <= 1 and t["entropy"] >= 0
 
 
 def test_pivot_aligned_with_itself_is_the_identity(tmp_path, zoo):

@@ -31,6 +31,7 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
     for name in ("results.md", "results.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "entropy floor" in (tmp_path / "eval" / "results.md").read_text()
+    assert "| fused set | teacher |" in (tmp_path / "eval" / "results.md").read_text()
     # the zoo models were built where the config's `zoo:` entries put them
     for model in ("pivot", "describer", "converter"):
         assert json.loads((tmp_path / "zoo-micro" / "models" / model / "manifest.json").read_text())["complete"]
@@ -43,6 +44,7 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
         assert sum(pipeline["alignment"][source]["vocab_coverage"].values()) == manifest["source_vocab_size"]
         fused = json.loads((run / "fuse" / source / "manifest.json").read_text())
         assert pipeline["fusion"][source] == fused["choices"]
+        assert pipeline["teachers"][source] == fused["teachers"]
     for model in ("pivot", "describer", "converter"):
         manifest = json.loads((run / "represent" / model / "manifest.json").read_text())
         assert pipeline["representation"][model]["bytes_per_token"] == manifest["bytes_per_token"]

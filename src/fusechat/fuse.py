@@ -19,6 +19,13 @@ of the set, −1 excluded, −2 gated, and each candidate's CE).
 
 ``fuse.max_ce`` gates the fusion term: a sequence whose best candidate's CE is above
 it trains on its gold answer alone (no model knows it well enough to teach it).
+
+The manifest's ``teachers`` says, per chosen candidate, what its distributions hold
+beyond the gold answer, over the positions it teaches: the mean probability on the gold
+next token, the share of positions whose top token is the gold one, and the mean
+entropy (nats); with ``avg_ce`` the mixture counts under its lowest-CE candidate. A
+teacher whose distributions are nearly the gold token adds little to the gold term;
+one whose top token is often wrong pulls the target away from it.
 """
 
 from __future__ import annotations
@@ -130,6 +137,27 @@ def fuse_sequence(method: str, pivot_rep: SequenceRep, sources: list[AlignedRow]
     return row(ids, probs, mask, best)
 
 
+def teacher_sums(fused: FusedRow, input_ids: np.ndarray) -> np.ndarray:
+    """Over one sequence's fused positions (position t teaches token t + 1): the count, and the sums of
+    the probability on the gold token, of whether the top token is the gold one, and of the entropy."""
+    t = np.flatnonzero(fused.in_loss[:-1])
+    if not t.size:
+        return np.zeros(4)
+    gold = np.asarray(input_ids)[t + 1]
+    probs, ids = fused.probs[t].astype(np.float64), fused.ids[t]
+    p_gold = (probs * (ids == gold[:, None])).sum(axis=1)
+    top_is_gold = ids[np.arange(t.size), probs.argmax(axis=1)] == gold
+    log_p = np.log(probs, out=np.zeros_like(probs), where=probs > 0)
+    entropy = -(probs * log_p).sum(axis=1)
+    return np.array([t.size, p_gold.sum(), top_is_gold.sum(), entropy.sum()])
+
+
+def teacher_summary(sums: np.ndarray) -> dict:
+    n = int(sums[0])
+    return {"positions": n, "gold_prob": round(sums[1] / n, 4), "top_is_gold": round(sums[2] / n, 4),
+            "entropy": round(sums[3] / n, 4)}
+
+
 def run(cfg: RunConfig, force: bool = False) -> list[Path]:
     """The fused sets the train stage needs: one per source (pairwise) or ``multi``, and ``multi`` for the
     Multi baseline (``train.baselines``)."""
@@ -163,6 +191,7 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
     choices: Counter = Counter()
     positions = 0
     labels = ["pivot", *sources]
+    teachers = {lbl: np.zeros(4) for lbl in labels}
     readers = [read_aligned(folder) for folder in aligned]
     pid_type = id_dtype(pm.get("vocab_size", 1 << 20))
     with build_output(out, "fuse", fingerprint) as building, progress_bar() as bar:
@@ -176,6 +205,8 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
             fused = fuse_sequence(cfg.fuse.method, p, srcs, cfg.fuse.ce_unit, k, cfg.fuse.max_ce)
             choices[OUT_LABELS.get(fused.choice) or labels[fused.choice]] += 1
             positions += int(fused.in_loss.sum())
+            if fused.choice >= 0:
+                teachers[labels[fused.choice]] += teacher_sums(fused, p.input_ids)
             shards.add(fused)
             bar.advance(task)
         shards.flush()
@@ -185,11 +216,14 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
             sequences=pm["num_sequences"], choices={lbl: choices[lbl] for lbl in [*labels, "excluded", "gated"]},
             max_ce=cfg.fuse.max_ce,
             positions_in_fusion_loss=positions, shards=shards.written,
+            teachers={lbl: teacher_summary(t) for lbl, t in teachers.items() if t[0]},
         )
     console.print(summary_table(f"fuse {name} ({cfg.fuse.method}) → {out}", [
         *[(f"sequences choosing {lbl}", choices[lbl]) for lbl in labels],
         ("sequences excluded (no finite CE)", choices["excluded"]),
         *([(f"sequences gated (best CE above {cfg.fuse.max_ce})", choices["gated"])] if cfg.fuse.max_ce else []),
         ("positions in the fusion loss", positions),
+        *[(f"teacher {lbl}: p(gold) / top gold / entropy",
+           f"{t[1] / t[0]:.2f} / {t[2] / t[0]:.0%} / {t[3] / t[0]:.2f} nats") for lbl, t in teachers.items() if t[0]],
     ]))
     return out

@@ -3,8 +3,8 @@
 Read from the manifests: alignment coverage per source (share of the pivot's
 assistant positions that received a source distribution, split by how: exact
 span, byte prefix, fallback; vocabulary-map
-coverage by method), bytes per token of each representation, MinCE choices,
-and the wall time of every stage.
+coverage by method), bytes per token of each representation, MinCE choices and
+what each chosen teacher holds beyond the gold tokens, and the wall time of every stage.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _PER_MODEL = {"represent", "align", "fuse", "sample", "train", "merge"}
 
 def pipeline_summary(cfg: RunConfig) -> dict:
     rundir = RunDir(cfg.run_dir)
-    summary: dict = {"alignment": {}, "representation": {}, "fusion": {}, "stage_seconds": {}}
+    summary: dict = {"alignment": {}, "representation": {}, "fusion": {}, "teachers": {}, "stage_seconds": {}}
     for spec in cfg.sources:
         m = read_manifest(rundir.stage("align", spec.name)) or {}
         if m:
@@ -33,6 +33,8 @@ def pipeline_summary(cfg: RunConfig) -> dict:
         f = read_manifest(rundir.stage("fuse", spec.name)) or {}
         if f:
             summary["fusion"][spec.name] = f.get("choices")
+            if f.get("teachers"):
+                summary["teachers"][spec.name] = f["teachers"]
     for spec in cfg.models:
         m = read_manifest(rundir.stage("represent", spec.name)) or {}
         if m:
@@ -78,6 +80,13 @@ def format_pipeline(summary: dict) -> str:
         lines += ["MinCE choices per sequence: " + "; ".join(
             f"{name}: " + ", ".join(f"{k} {v}" for k, v in (choices or {}).items())
             for name, choices in summary["fusion"].items()), ""]
+    if summary.get("teachers"):
+        lines += ["| fused set | teacher | positions taught | p(gold token) | top token is gold | entropy (nats) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, teachers in summary["teachers"].items():
+            lines += [f"| {name} | {t} | {v['positions']} | {v['gold_prob']:.3f} | {v['top_is_gold']:.1%} | "
+                      f"{v['entropy']:.3f} |" for t, v in teachers.items()]
+        lines.append("")
     if summary.get("implicit"):
         i = summary["implicit"]
         lines += [f"Implicit fusion: {i['answers']} sampled answers to {i['prompts']} prompts; SFT set {i['sft']} "
