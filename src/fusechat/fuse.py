@@ -210,13 +210,14 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
             shards.add(fused)
             bar.advance(task)
         shards.flush()
+        summaries = {lbl: teacher_summary(t) for lbl, t in teachers.items() if t[0]}
         building.manifest.update(
             name=name, pivot=cfg.pivot.name, sources=sources, candidates=labels, method=cfg.fuse.method,
             ce_unit=cfg.fuse.ce_unit, pivot_tokenizer_hash=pm["tokenizer_hash"], top_k=k,
             sequences=pm["num_sequences"], choices={lbl: choices[lbl] for lbl in [*labels, "excluded", "gated"]},
             max_ce=cfg.fuse.max_ce,
             positions_in_fusion_loss=positions, shards=shards.written,
-            teachers={lbl: teacher_summary(t) for lbl, t in teachers.items() if t[0]},
+            teachers=summaries,
         )
     console.print(summary_table(f"fuse {name} ({cfg.fuse.method}) → {out}", [
         *[(f"sequences choosing {lbl}", choices[lbl]) for lbl in labels],
@@ -224,6 +225,6 @@ def fuse_set(cfg: RunConfig, name: str, sources: list[str], force: bool = False)
         *([(f"sequences gated (best CE above {cfg.fuse.max_ce})", choices["gated"])] if cfg.fuse.max_ce else []),
         ("positions in the fusion loss", positions),
         *[(f"teacher {lbl}: p(gold) / top gold / entropy",
-           f"{t[1] / t[0]:.2f} / {t[2] / t[0]:.0%} / {t[3] / t[0]:.2f} nats") for lbl, t in teachers.items() if t[0]],
+           f"{t['gold_prob']:.2f} / {t['top_is_gold']:.0%} / {t['entropy']:.2f} nats") for lbl, t in summaries.items()],
     ]))
     return out
