@@ -76,7 +76,7 @@ def real_pair_coverage(k: int = 10, seed: int = 0) -> dict:
     from fusechat.align.vocab import SPECIAL, build_vocab_map, special_ids, token_texts
     from fusechat.config import load_config
     from fusechat.errors import FusechatError
-    from fusechat.model_sources import gguf_tokenizer, source_problem
+    from fusechat.gguf_models import gguf_tokenizer, source_problem
 
     real = load_config(Path(__file__).resolve().parents[1] / "configs" / "real-smollm2-gemma3.yaml")
     pivot_src, source_src = real.pivot.gguf, real.model("gemma3").gguf
@@ -164,9 +164,12 @@ def main(argv=None) -> int:
               "pip install editdistance (or pip install -e \".[bench]\")", file=sys.stderr)
         return 2
 
-    from fusechat.align.sequence import align_dtw, align_dtw_research, align_offsets
+    from fusechat.align.sequence import align_dtw, align_offsets
     from fusechat.align.vocab import comparable, token_texts
     from fusechat.zoo.tokenizers import build_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference implementations
+    from references import align_dtw_research
 
     train = synthetic_texts(200, 200, seed=1)
     pivot = build_tokenizer("byte_bpe", train, vocab_size=3000)

@@ -31,7 +31,7 @@ def build(root: Path) -> int:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from fusechat.zoo.models import tiny_config
+    from fusechat.zoo.architectures import tiny_config
 
     torch.manual_seed(0)
     config = tiny_config("llama", 32000, hidden=768, layers=12, heads=12)

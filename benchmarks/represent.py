@@ -48,7 +48,7 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
 def build(root: Path, n_conversations: int):
     import yaml
 
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     convs = synthetic_conversations(n_conversations)
@@ -84,7 +84,7 @@ def time_bare_forward(cfg) -> float:
     """Forward passes over the batches represent makes: same encoding, order and padding."""
     import torch
 
-    from fusechat.models import load_causal_lm, load_tokenizer
+    from fusechat.model_loading import load_causal_lm, load_tokenizer
     from fusechat.prepare import load_prepared
     from fusechat.represent import encode_rows
     from fusechat.rundir import RunDir, read_manifest

@@ -44,7 +44,7 @@ BIG_VARIANTS = tuple(f"{p}_{v}" for p in PIVOTS for v in ("hf_sft", "chunked_fus
 def big_vocab_model(arch: str, vocab: int):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from fusechat.zoo.models import tiny_config
+    from fusechat.zoo.architectures import tiny_config
 
     if arch == "gemma3_text":
         config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -62,7 +62,7 @@ def worker(variant: str, steps: int, warmup: int) -> dict:
     from fusechat.train.chunked_loss import chunked_fusion_loss
     from fusechat.train.loss import fusion_loss
     from fusechat.train.trainer import chunkable_head, head_computes_loss
-    from fusechat.zoo.models import tiny_config
+    from fusechat.zoo.architectures import tiny_config
 
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -86,12 +86,12 @@ def worker(variant: str, steps: int, warmup: int) -> dict:
     fusion_mask = labels != -100
 
     if variant in PLAIN_VARIANTS:
-        lam = 1.0 if variant == "sft" else 0.9
+        lambda_ = 1.0 if variant == "sft" else 0.9
 
         def loss():
             logits = model(input_ids=input_ids).logits
-            return fusion_loss(logits, labels, fused_ids if lam < 1 else None, fused_probs if lam < 1 else None,
-                               fusion_mask if lam < 1 else None, lam).loss
+            return fusion_loss(logits, labels, fused_ids if lambda_ < 1 else None, fused_probs if lambda_ < 1 else None,
+                               fusion_mask if lambda_ < 1 else None, lambda_).loss
     elif kind == "hf_sft":
         def loss():
             return model(input_ids=input_ids, labels=labels).loss

@@ -98,7 +98,7 @@ MODELS = {
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     texts = CORPUS * 3 + [t["value"] for c in CONVERSATIONS for t in c["conversations"]]

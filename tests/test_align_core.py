@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from references import align_dtw_reference, align_dtw_research, dtw_reference, dtw_research, levenshtein_reference
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -19,16 +20,11 @@ from fusechat.align.project import (
 )
 from fusechat.align.sequence import (
     align_dtw,
-    align_dtw_reference,
-    align_dtw_research,
     align_offsets,
     byte_spans,
     dtw_matrix,
     dtw_path,
-    dtw_reference,
-    dtw_research,
     group_kinds,
-    levenshtein_reference,
     partial_tokens,
     path_to_groups,
     token_boundaries,

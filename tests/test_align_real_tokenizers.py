@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fusechat.config import load_config
-from fusechat.model_sources import offline_problem
+from fusechat.gguf_models import offline_problem
 
 REAL = load_config(Path(__file__).resolve().parents[1] / "configs" / "real-smollm2-gemma3.yaml")
 PIVOT, SOURCE = REAL.pivot.gguf, REAL.model("gemma3").gguf
@@ -30,7 +30,7 @@ TEXT = ("user: ¿Puedes explicarme qué es la fusión de modelos? Merci beaucoup
 
 @pytest.fixture(scope="module")
 def pair():
-    from fusechat.model_sources import gguf_tokenizer
+    from fusechat.gguf_models import gguf_tokenizer
 
     return gguf_tokenizer(PIVOT, "smollm2"), gguf_tokenizer(SOURCE, "gemma3")
 

@@ -197,7 +197,7 @@ def test_declared_unicode_normalisation_is_handled(tmp_path, zoo):
     # The data writes "é" decomposed (e + combining accent); the source's tokenizer declares NFC.
     data = write_jsonl(tmp_path / "nfd.jsonl", [{"id": "n", "conversations": [
         {"from": "human", "value": "hello there"}, {"from": "gpt", "value": "I am fine, cafe\u0301 the"}]}])
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     texts = [t["value"] for c in CONVERSATIONS for t in c["conversations"]] + ["GPT4 Correct User: Assistant café"]

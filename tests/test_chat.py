@@ -13,7 +13,7 @@ MAX_NEW = 12
 
 
 def _build(out_dir, chat_template):
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     tok = build_tokenizer("byte_bpe", CORPUS * 3, vocab_size=350, chat_template=chat_template)

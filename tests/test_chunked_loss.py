@@ -25,18 +25,18 @@ def batch(seed=0, gold_share=0.7, fusion_share=0.6):
     return hidden, weight, bias, labels, ids, probs, mask
 
 
-def plain(hidden, weight, bias, labels, ids, probs, mask, lam, kind="ce", temperature=1.0, softcap=None):
+def plain(hidden, weight, bias, labels, ids, probs, mask, lambda_, kind="ce", temperature=1.0, softcap=None):
     logits = F.linear(hidden, weight, bias)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return fusion_loss(logits, labels, ids, probs, mask, lam, kind, temperature)
+    return fusion_loss(logits, labels, ids, probs, mask, lambda_, kind, temperature)
 
 
-def assert_same(hidden, weight, bias, labels, ids, probs, mask, lam, kind="ce", temperature=1.0, softcap=None,
+def assert_same(hidden, weight, bias, labels, ids, probs, mask, lambda_, kind="ce", temperature=1.0, softcap=None,
                 chunk_size=4):
     inputs = [hidden, weight] + ([bias] if bias is not None else [])
-    ref = plain(hidden, weight, bias, labels, ids, probs, mask, lam, kind, temperature, softcap)
-    got = chunked_fusion_loss(hidden, weight, bias, labels, ids, probs, mask, lam, kind, temperature, chunk_size,
+    ref = plain(hidden, weight, bias, labels, ids, probs, mask, lambda_, kind, temperature, softcap)
+    got = chunked_fusion_loss(hidden, weight, bias, labels, ids, probs, mask, lambda_, kind, temperature, chunk_size,
                               softcap)
     assert (got.gold_tokens, got.fusion_positions) == (ref.gold_tokens, ref.fusion_positions)
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
@@ -50,32 +50,32 @@ def assert_same(hidden, weight, bias, labels, ids, probs, mask, lam, kind="ce", 
     return got
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("lambda_", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])
-def test_matches_the_plain_loss(lam, chunk_size):
-    assert_same(*batch(), lam=lam, chunk_size=chunk_size)
+def test_matches_the_plain_loss(lambda_, chunk_size):
+    assert_same(*batch(), lambda_=lambda_, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("kind,temperature", [("kl", 1.0), ("ce", 2.0), ("kl", 0.5)])
 def test_kl_and_temperature(kind, temperature):
-    assert_same(*batch(1), lam=0.3, kind=kind, temperature=temperature)
+    assert_same(*batch(1), lambda_=0.3, kind=kind, temperature=temperature)
 
 
 def test_without_bias_and_with_soft_capping():
     hidden, weight, _, *rest = batch(2)
-    assert_same(hidden, weight, None, *rest, lam=0.9)
+    assert_same(hidden, weight, None, *rest, lambda_=0.9)
     hidden, weight, bias, *rest = batch(3)
     with torch.no_grad():
         weight.mul_(3.0)  # logits large enough for the cap to bend them
-    assert_same(hidden, weight, bias, *rest, lam=0.5, softcap=2.0)
+    assert_same(hidden, weight, bias, *rest, lambda_=0.5, softcap=2.0)
 
 
 def test_lambda_one_without_fused_targets():
     hidden, weight, bias, labels, *_ = batch(4)
-    got = assert_same(hidden, weight, bias, labels, None, None, None, lam=1.0)
+    got = assert_same(hidden, weight, bias, labels, None, None, None, lambda_=1.0)
     assert got.fusion_positions == 0 and got.fusion.item() == 0.0
     # As the plain loss: without fused targets the loss is the gold term, whatever λ.
-    assert_same(hidden, weight, bias, labels, None, None, None, lam=0.9)
+    assert_same(hidden, weight, bias, labels, None, None, None, lambda_=0.9)
 
 
 def test_masked_stretches_longer_than_a_chunk():
@@ -88,24 +88,24 @@ def test_masked_stretches_longer_than_a_chunk():
     labels[0, 10] = -100
     mask[1, 9] = False  # a position in the gold term only
     labels[1, 10] = 5
-    assert_same(hidden, weight, bias, labels, ids, probs, mask, lam=0.9, chunk_size=3)
+    assert_same(hidden, weight, bias, labels, ids, probs, mask, lambda_=0.9, chunk_size=3)
 
 
 def test_no_gold_tokens_and_nothing_to_score():
     hidden, weight, bias, labels, ids, probs, mask = batch(6)
     labels[:] = -100
-    got = assert_same(hidden, weight, bias, labels, ids, probs, mask, lam=0.9)
+    got = assert_same(hidden, weight, bias, labels, ids, probs, mask, lambda_=0.9)
     assert got.gold_tokens == 0 and got.fusion_positions > 0
     mask[:] = False
-    got = assert_same(hidden, weight, bias, labels, ids, probs, mask, lam=0.9)
+    got = assert_same(hidden, weight, bias, labels, ids, probs, mask, lambda_=0.9)
     assert got.loss.item() == 0.0
-    assert_same(hidden, weight, bias, labels, None, None, None, lam=1.0)
+    assert_same(hidden, weight, bias, labels, None, None, None, lambda_=1.0)
 
 
 def test_incoming_gradient_scales_the_result():
     hidden, weight, bias, *rest = batch(7)
-    ref = plain(hidden, weight, bias, *rest, lam=0.9)
-    got = chunked_fusion_loss(hidden, weight, bias, *rest, lam=0.9, chunk_size=5)
+    ref = plain(hidden, weight, bias, *rest, lambda_=0.9)
+    got = chunked_fusion_loss(hidden, weight, bias, *rest, lambda_=0.9, chunk_size=5)
     ref_grads = torch.autograd.grad(ref.loss * -2.5, [hidden, weight, bias])
     got_grads = torch.autograd.grad(got.loss * -2.5, [hidden, weight, bias])
     for r, c in zip(ref_grads, got_grads):
@@ -134,12 +134,12 @@ def test_frozen_head_and_no_grad():
     hidden, weight, bias, *rest = batch(9)
     weight.requires_grad_(False)
     bias.requires_grad_(False)
-    ref = plain(hidden, weight, bias, *rest, lam=0.9)
-    got = chunked_fusion_loss(hidden, weight, bias, *rest, lam=0.9, chunk_size=4)
+    ref = plain(hidden, weight, bias, *rest, lambda_=0.9)
+    got = chunked_fusion_loss(hidden, weight, bias, *rest, lambda_=0.9, chunk_size=4)
     torch.testing.assert_close(torch.autograd.grad(got.loss, hidden)[0], torch.autograd.grad(ref.loss, hidden)[0],
                                rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        got = chunked_fusion_loss(hidden, weight, bias, *rest, lam=0.9, chunk_size=4)
+        got = chunked_fusion_loss(hidden, weight, bias, *rest, lambda_=0.9, chunk_size=4)
     assert not got.loss.requires_grad
     torch.testing.assert_close(got.loss, ref.loss.detach(), rtol=1e-5, atol=1e-6)
 
@@ -147,8 +147,8 @@ def test_frozen_head_and_no_grad():
 def test_under_bf16_autocast_as_the_plain_head():
     hidden, weight, bias, *rest = batch(10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = plain(hidden, weight, bias, *rest, lam=0.9)
-        got = chunked_fusion_loss(hidden, weight, bias, *rest, lam=0.9, chunk_size=4)
+        ref = plain(hidden, weight, bias, *rest, lambda_=0.9)
+        got = chunked_fusion_loss(hidden, weight, bias, *rest, lambda_=0.9, chunk_size=4)
     # Both round the head's inputs to bf16; the rest is fp32 in both.
     torch.testing.assert_close(got.loss, ref.loss, rtol=2e-2, atol=2e-2)
     for r, c in zip(torch.autograd.grad(ref.loss, [hidden, weight, bias]),
@@ -160,9 +160,9 @@ def test_under_bf16_autocast_as_the_plain_head():
 def test_rejects_bad_arguments():
     hidden, weight, bias, *rest = batch()
     with pytest.raises(ValueError, match=r"lambda must be in \[0, 1\]"):
-        chunked_fusion_loss(hidden, weight, bias, *rest, lam=1.5)
+        chunked_fusion_loss(hidden, weight, bias, *rest, lambda_=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_fusion_loss(hidden, weight, bias, *rest, lam=0.9, chunk_size=0)
+        chunked_fusion_loss(hidden, weight, bias, *rest, lambda_=0.9, chunk_size=0)
     assert default_chunk_size(262_144) == 128 and default_chunk_size(10) >= 16
 
 
@@ -172,7 +172,7 @@ def test_rejects_bad_arguments():
 def tiny_model(arch, vocab=96, tie=False):
     from transformers import AutoModelForCausalLM
 
-    from fusechat.zoo.models import tiny_config
+    from fusechat.zoo.architectures import tiny_config
 
     torch.manual_seed(0)
     if arch in ("llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma"):
@@ -202,7 +202,7 @@ def trainer_for(model, tmp_path, **kwargs):
     from fusechat.train.trainer import FusionTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    return FusionTrainer(model=model, args=args, lam=0.7, fusion_kind="kl", temperature=1.5, **kwargs)
+    return FusionTrainer(model=model, args=args, lambda_=0.7, fusion_kind="kl", temperature=1.5, **kwargs)
 
 
 def trainer_inputs(vocab=96, seed=0):

@@ -516,17 +516,35 @@ def test_reserved_source_names_are_rejected(tmp_path, config_lines, name):
     assert f"sources[0].name {name!r} is reserved" in problem
 
 
+@pytest.mark.parametrize("name", ["implicit-sft", "implicit-dpo"])
+def test_the_implicit_targets_names_are_reserved(tmp_path, config_lines, name):
+    config_lines[5] = f"  - name: {name}"
+    assert only_problem(write(tmp_path, config_lines)) == (
+        f"sources[0].name {name!r} is reserved: it names the implicit route's {name[9:].upper()} target "
+        f"(targets/{name}); choose another name")
+
+
 def test_every_merge_method_is_a_reserved_name(tmp_path, config_lines):
     import fusechat.merge  # noqa: F401  (registers every method)
-    from fusechat.config import RESERVED_NAMES
     from fusechat.merge.registry import METHODS
 
-    # The paper's methods are refused by the config itself; every other registered method when the run loads.
-    assert {"varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp"} <= set(RESERVED_NAMES)
-    config_lines[5] = "  - name: karcher"
-    assert "karcher" in METHODS
-    assert only_problem(write(tmp_path, config_lines)) == (
-        "sources[0].name 'karcher' is reserved: it names the karcher merge (merged/karcher); choose another name")
+    # The merge registry is the one list of merge names: each is refused when the run loads.
+    assert {"varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp", "karcher"} <= set(METHODS)
+    for name in METHODS:
+        config_lines[5] = f"  - name: {name}"
+        assert only_problem(write(tmp_path, config_lines)) == (
+            f"sources[0].name {name!r} is reserved: it names the {name} merge (merged/{name}); choose another name")
+
+
+def test_the_configs_template_names_are_the_built_in_templates():
+    import typing
+
+    from fusechat.config import TEMPLATE_NAMES, GGUFSource
+    from fusechat.data.templates import BUILTIN_TEMPLATES
+
+    assert set(TEMPLATE_NAMES) == set(BUILTIN_TEMPLATES)
+    annotation = GGUFSource.model_fields["chat_template"].annotation
+    assert set(typing.get_args(typing.get_args(annotation)[0])) == set(BUILTIN_TEMPLATES)
 
 
 def test_a_missing_relative_path_with_one_slash_is_not_a_hub_id(tmp_path, config_lines, monkeypatch):

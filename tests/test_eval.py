@@ -15,14 +15,9 @@ from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.errors import DataError
 from fusechat.evaluate import evaluate_models
 from fusechat.evaluate import stage as eval_stage
-from fusechat.evaluate.items import EvalItem, load_items
-from fusechat.evaluate.metrics import (
-    ChatEncoder,
-    answer_bits,
-    exact_match,
-    generate_answers,
-)
+from fusechat.evaluate.items import EvalItem, exact_match, load_items
 from fusechat.evaluate.report import format_markdown, write_report
+from fusechat.generation import ChatEncoder, answer_bits, generate_answers
 
 QA = [
     ("What is two plus two?", "four"),
@@ -47,7 +42,7 @@ QA_ITEMS = [item(i, q, a, skill="arithmetic" if i == 0 else "facts") for i, (q, 
 
 def train_to_memorize(model, tokenizer, items, steps=120):
     """Plain next-token training on the items' full conversations until greedy decoding reproduces them."""
-    from fusechat.evaluate.metrics import pad_batch
+    from fusechat.generation import pad_batch
 
     encoder = ChatEncoder(tokenizer)
     seqs = [encoder.answer_ids(it.messages, it.answer)[0] for it in items]
@@ -68,7 +63,7 @@ def train_to_memorize(model, tokenizer, items, steps=120):
 @pytest.fixture(scope="module")
 def qa_models(tmp_path_factory):
     """Two tiny Llamas with one byte-level tokenizer (OpenChat template): one trained on QA, one random."""
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     root = tmp_path_factory.mktemp("qa")
@@ -215,11 +210,11 @@ def test_left_padded_batches_generate_as_one_by_one(qa_models):
            item(2, "Name the red planet.", "x"), item(3, "Reverse the word cat, please, and then stop.", "x"),
            item(4, "Two?", "x")]
     assert len({len(ChatEncoder(tokenizer).prompt_ids(it.messages)) for it in its}) == len(its)
-    batched = generate_answers(model, tokenizer, its, max_new_tokens=10, batch_size=5)
-    single = [generate_answers(model, tokenizer, [it], max_new_tokens=10, batch_size=1)[0] for it in its]
+    batched = generate_answers(model, tokenizer, [it.messages for it in its], max_new_tokens=10, batch_size=5)
+    single = [generate_answers(model, tokenizer, [it.messages], max_new_tokens=10, batch_size=1)[0] for it in its]
     assert batched == single
     assert any(batched)
-    trained = generate_answers(qa_models["model"], tokenizer, QA_ITEMS, max_new_tokens=10, batch_size=2)
+    trained = generate_answers(qa_models["model"], tokenizer, [it.messages for it in QA_ITEMS], max_new_tokens=10, batch_size=2)
     assert trained == [it.answer for it in QA_ITEMS]  # stops at eos, decodes only the new tokens
 
 
@@ -408,7 +403,7 @@ def test_config_eval_section_is_documented_and_validated(tmp_path, zoo):
 
 
 def test_prompts_are_fitted_to_the_context_as_fastchat_does():
-    from fusechat.evaluate.metrics import fit_to_context
+    from fusechat.generation import fit_to_context
 
     prompts = [list(range(10)), list(range(3))]
     assert fit_to_context(prompts, 4, None) == (prompts, 4)

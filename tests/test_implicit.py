@@ -30,7 +30,7 @@ def tiny_models(tmp_path_factory, tokenizer_dirs):
     """Two tiny random Llamas on the byte-level tokenizer (ChatML template)."""
     from transformers import AutoTokenizer
 
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
 
     root = tmp_path_factory.mktemp("implicit-models")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs["byte_bpe"]))
@@ -40,7 +40,7 @@ def tiny_models(tmp_path_factory, tokenizer_dirs):
 
 
 def synthetic_data(path: Path, n: int = 6) -> Path:
-    from fusechat.zoo.skills import conversations
+    from fusechat.synthetic.skills import conversations
 
     records = conversations("reverse", n // 2, seed=1) + conversations("add", n - n // 2, seed=1)
     return write_jsonl(path, records)
@@ -128,7 +128,7 @@ def test_build_pairs_report_counts_and_leaves_unscored_answers_out():
 
 
 def test_synthetic_checker_gives_valid_answers_1_and_near_misses_partial_credit():
-    from fusechat.synthetic import skill_checker
+    from fusechat.synthetic.checker import skill_checker
 
     prompt = Prompt(0, "r", "f:1", [{"role": "user", "content": "Reverse the word lomi."}],
                     {"skill": "reverse", "key": "lomi"})
@@ -136,7 +136,7 @@ def test_synthetic_checker_gives_valid_answers_1_and_near_misses_partial_credit(
     assert 0.5 < skill_checker(prompt, "imo") < 1.0
     assert skill_checker(prompt, "imo") > skill_checker(prompt, "xyzw")
     described = Prompt(1, "d", "f:2", [], {"skill": "describe", "key": "Tamaro"})
-    from fusechat.zoo.skills import ALL_SKILLS
+    from fusechat.synthetic.skills import ALL_SKILLS
 
     answer, _ = ALL_SKILLS["describe"].distribution("Tamaro")[-1]
     assert skill_checker(described, answer) == 1.0
@@ -342,7 +342,7 @@ def test_config_names_unknown_answering_models_and_missing_scorer_settings(tmp_p
 
 def test_the_route_decides_the_targets_and_stages(tmp_path, tiny_models):
     from fusechat.pipeline import route_stages
-    from fusechat.train.stage import targets
+    from fusechat.train import targets
 
     data = synthetic_data(tmp_path / "t.jsonl", 2)
     cfg = load_run(implicit_config(tmp_path, tiny_models, data))
@@ -384,7 +384,7 @@ def test_empty_answers_get_no_score_and_a_model_that_only_stops_is_an_error(tmp_
     from fusechat.implicit.sample import check_not_all_empty, write_samples
     from fusechat.implicit.score import score_rows
     from fusechat.implicit.scorers import CheckerScorer
-    from fusechat.synthetic import skill_checker
+    from fusechat.synthetic.checker import skill_checker
 
     prompts = [Prompt(i, f"r{i}", f"t.jsonl:{i + 1}", [{"role": "user", "content": "Reverse: abc"}],
                       {"skill": "reverse", "key": "abc"}) for i in range(3)]

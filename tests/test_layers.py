@@ -10,23 +10,25 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fusechat"
 
 # Lowest first. A module may import modules of its own layer and of the layers before it.
 LAYERS = {
-    "foundation": ["fusechat", "fusechat.errors", "fusechat.progress", "fusechat.distributed"],
+    "foundation": ["fusechat", "fusechat.errors", "fusechat.progress", "fusechat.distributed", "fusechat.stages"],
     "config": ["fusechat.config"],
-    "records": ["fusechat.rundir", "fusechat.shards", "fusechat.models", "fusechat.data*"],
+    "records": ["fusechat.rundir", "fusechat.shards", "fusechat.model_loading", "fusechat.gguf_models",
+                "fusechat.data*"],
     "cores": ["fusechat.align.sequence", "fusechat.align.prefix", "fusechat.align.project", "fusechat.align.vocab",
               "fusechat.train.loss", "fusechat.train.chunked_loss", "fusechat.train.trainer", "fusechat.train.data",
+              "fusechat.train.checkpoints", "fusechat.generation", "fusechat.judges*",
               "fusechat.merge.registry", "fusechat.merge.methods", "fusechat.merge.mergekit_methods",
               "fusechat.merge.tensors_io", "fusechat.merge.analysis", "fusechat.evaluate.items",
-              "fusechat.evaluate.metrics", "fusechat.evaluate.report", "fusechat.evaluate.pipeline_report",
+              "fusechat.evaluate.report", "fusechat.evaluate.pipeline_report",
               "fusechat.evaluate.rows", "fusechat.evaluate.retention", "fusechat.evaluate.mtbench.*",
-              "fusechat.train.preference", "fusechat.implicit.pairs", "fusechat.implicit.prompts",
-              "fusechat.implicit.scorers", "fusechat.implicit.work"],
+              "fusechat.implicit.pairs", "fusechat.implicit.prompts", "fusechat.implicit.scorers",
+              "fusechat.implicit.work", "fusechat.implicit.wrpo", "fusechat.synthetic*"],
     "stages": ["fusechat.pivot_answers", "fusechat.prepare", "fusechat.represent", "fusechat.align", "fusechat.align.stage", "fusechat.fuse",
-               "fusechat.train", "fusechat.train.stage", "fusechat.merge", "fusechat.merge.stage",
+               "fusechat.train", "fusechat.train.targets", "fusechat.merge", "fusechat.merge.stage",
                "fusechat.evaluate", "fusechat.evaluate.stage", "fusechat.evaluate.mtbench",
                "fusechat.evaluate.mtbench.stage", "fusechat.implicit", "fusechat.implicit.sample",
-               "fusechat.implicit.score", "fusechat.train.implicit"],
-    "zoo": ["fusechat.zoo*", "fusechat.model_sources", "fusechat.synthetic"],
+               "fusechat.implicit.score", "fusechat.implicit.train"],
+    "zoo": ["fusechat.zoo*"],
     "pipeline": ["fusechat.pipeline"],
     "apps": ["fusechat.demo", "fusechat.chat"],
     "entry": ["fusechat.cli", "fusechat.__main__"],
@@ -129,3 +131,56 @@ def test_the_checker_sees_a_loop():
             test_no_import_loop()
     finally:
         GRAPH = saved
+
+
+# ---------------------------------------------------------------- what a command loads
+
+_LOADED = """
+import sys
+from fusechat.cli import main
+try:
+    main(["validate", sys.argv[1]])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print("\\n".join(sorted(sys.modules)))
+"""
+# What trains, and the zoo's builder: a real run's validation needs none of it.
+TRAINING = ("transformers.trainer", "trl", "peft", "fusechat.train", "fusechat.implicit.train", "fusechat.zoo.build",
+            "fusechat.zoo.architectures", "fusechat.zoo.tokenizers")
+
+
+def _loaded_by_validate(config: Path, cwd: Path) -> set[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _LOADED, str(config)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def _matching(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def test_validating_the_real_config_loads_no_trainer_and_no_zoo_builder(tmp_path):
+    loaded = _loaded_by_validate(PACKAGE.parents[1] / "configs" / "real-smollm2-gemma3.yaml", tmp_path)
+    assert "fusechat.pipeline" in loaded and "fusechat.gguf_models" in loaded  # it did validate
+    assert _matching(loaded, TRAINING) == []
+    # Its `zoo: chatml/describer` source is checked against the zoo's catalog (plain data) and nothing more.
+    assert _matching(loaded, ("fusechat.zoo",)) == ["fusechat.zoo", "fusechat.zoo.catalog"]
+
+
+def test_a_config_without_zoo_models_loads_nothing_of_the_zoo(tmp_path):
+    import yaml
+
+    (tmp_path / "train.jsonl").write_text("")
+    config = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "path": str(tmp_path)},
+              "sources": [{"name": "s", "gguf": {"file": "s.gguf"}}],
+              "data": {"paths": [str(tmp_path / "train.jsonl")]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    loaded = _loaded_by_validate(tmp_path / "run.yaml", tmp_path)
+    assert "fusechat.pipeline" in loaded
+    assert _matching(loaded, TRAINING + ("fusechat.zoo",)) == []

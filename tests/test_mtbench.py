@@ -15,8 +15,6 @@ from conftest import write_jsonl
 from fusechat.cli import main
 from fusechat.config import EvalConfig
 from fusechat.errors import DataError, FusechatError
-from fusechat.evaluate.items import EvalItem
-from fusechat.evaluate.metrics import generate_answers
 from fusechat.evaluate.mtbench import data as mt_data
 from fusechat.evaluate.mtbench import mt_bench_folders
 from fusechat.evaluate.mtbench.answers import (
@@ -29,11 +27,6 @@ from fusechat.evaluate.mtbench.data import (
     load_judge_prompts,
     load_questions,
 )
-from fusechat.evaluate.mtbench.endpoint import (
-    EndpointJudge,
-    RequestFailed,
-    completions_url,
-)
 from fusechat.evaluate.mtbench.judge import (
     JUDGMENT_FIELDS,
     judge_requests,
@@ -43,6 +36,12 @@ from fusechat.evaluate.mtbench.judge import (
 )
 from fusechat.evaluate.mtbench.prompts import parse_rating
 from fusechat.evaluate.mtbench.report import format_markdown, score_table
+from fusechat.generation import generate_answers
+from fusechat.judges.endpoint import (
+    EndpointJudge,
+    RequestFailed,
+    completions_url,
+)
 
 # ---------------------------------------------------------------- a tiny benchmark in FastChat's layout
 
@@ -96,7 +95,7 @@ def bench_dir(tmp_path):
 def tiny(tmp_path_factory):
     """Two answering models and a judge: tiny random Llamas on one byte-level ChatML tokenizer."""
     from fusechat.data.templates import CHATML_JINJA
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     root = tmp_path_factory.mktemp("mtbench-models")
@@ -226,9 +225,9 @@ def test_answer_file_has_fastchat_schema_and_own_first_answer(tiny, bench_dir, t
         assert isinstance(first, str) and isinstance(second, str)
         q = next(q for q in QUESTIONS if q["question_id"] == r["question_id"])
         conversation = [{"role": "user", "content": q["turns"][0]}]
-        assert generate_answers(model, tokenizer, [EvalItem("a", "s", "exact", conversation)], 6, 1) == [first]
+        assert generate_answers(model, tokenizer, [conversation], 6, 1) == [first]
         conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": q["turns"][1]}]
-        assert generate_answers(model, tokenizer, [EvalItem("b", "s", "exact", conversation)], 6, 1) == [second]
+        assert generate_answers(model, tokenizer, [conversation], 6, 1) == [second]
     assert len({r["answer_id"] for r in records}) == 4
     assert any(t for r in records for t in r["choices"][0]["turns"])
 
@@ -376,7 +375,7 @@ def test_local_judge_records_unparsable_ratings_as_unrated(tiny, bench_dir, tmp_
                                     f"A1 {a1}\nQ2 Why?\nA2 {a2}")
     model, tokenizer = load(tiny["judge"])
     asked = [{"role": "system", "content": "Judge the second answer."}, {"role": "user", "content": turn2["user_prompt"]}]
-    assert generate_answers(model, tokenizer, [EvalItem("j", "s", "exact", asked)], 8, 1) == [turn2["judgment"]]
+    assert generate_answers(model, tokenizer, [asked], 8, 1) == [turn2["judgment"]]
 
     results = json.loads((out / "results.json").read_text())
     assert results["judge"] == "judge"
@@ -391,7 +390,7 @@ def test_local_judge_records_unparsable_ratings_as_unrated(tiny, bench_dir, tmp_
 
 def test_local_judge_without_system_role_gets_the_system_prompt_in_the_user_turn(tiny):
     from fusechat.data.templates import CHATML_JINJA
-    from fusechat.evaluate.mtbench.judge import LocalJudge
+    from fusechat.judges.local import LocalJudge
 
     model, tokenizer = load(tiny["judge"])
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
@@ -399,7 +398,7 @@ def test_local_judge_without_system_role_gets_the_system_prompt_in_the_user_turn
     system, user = {"role": "system", "content": "Be fair."}, {"role": "user", "content": "Rate: hello"}
     judged = LocalJudge(model, tokenizer, 6, 2).complete([[system, user]])
     merged = [{"role": "user", "content": "Be fair.\n\nRate: hello"}]
-    assert judged == generate_answers(model, tokenizer, [EvalItem("j", "s", "exact", merged)], 6, 1)
+    assert judged == generate_answers(model, tokenizer, [merged], 6, 1)
 
 
 def test_unreachable_judge_is_reported_before_any_answer(tiny, bench_dir, tmp_path):
@@ -666,7 +665,7 @@ def test_reference_bits_only_generate_no_answers_and_skip_items_beyond_the_conte
     shutil.copytree(tiny["beta"], short)
     config = AutoConfig.from_pretrained(short)
     _, tokenizer = load(tiny["beta"])
-    from fusechat.evaluate.metrics import ChatEncoder
+    from fusechat.generation import ChatEncoder
 
     encoder = ChatEncoder(tokenizer)
     first_turn, second_turn = [], []
@@ -724,7 +723,7 @@ def test_a_run_skips_mt_bench_without_its_data_when_asked(tiny, tmp_path, capsys
 
 
 def test_a_model_with_a_short_learned_position_table_still_answers(tiny, bench_dir, tmp_path):
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
 
     # GPT-2's positions are a learned table: reading past it is an index error, not a warning.
     short = tmp_path / "gpt2-short"

@@ -10,9 +10,8 @@ from fusechat import pivot_answers, prepare
 from fusechat.config import load_config
 from fusechat.data.general_prompts import GENERAL_PROMPTS
 from fusechat.errors import DataError
-from fusechat.evaluate.items import EvalItem
-from fusechat.evaluate.metrics import generate_answers
-from fusechat.models import load_causal_lm, load_tokenizer
+from fusechat.generation import generate_answers
+from fusechat.model_loading import load_causal_lm, load_tokenizer
 
 
 def with_pivot_answers(tmp_path, zoo, **settings):
@@ -29,8 +28,7 @@ def test_the_pivots_greedy_answers_are_written_and_prepared_after_the_data(tmp_p
     records = [json.loads(line) for line in pivot_answers.answers_file(cfg).read_text().splitlines()]
     # the same greedy answers, generated here through the pivot's own template
     lm, tok = load_causal_lm(cfg.pivot), load_tokenizer(cfg.pivot)
-    items = [EvalItem(f"g{i}", "general", "distribution", [{"role": "user", "content": p}])
-             for i, p in enumerate(GENERAL_PROMPTS[:3])]
+    items = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS[:3]]
     expected = generate_answers(lm, tok, items, 6, 2)
     assert [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in records] == [
         (p, a) for p, a in zip(GENERAL_PROMPTS[:3], expected) if a]
@@ -78,8 +76,7 @@ def test_sampled_answers_are_seeded_and_are_not_the_greedy_ones(tmp_path, zoo):
     assert texts["sampled"] != texts["other"] and texts["sampled"] != texts["greedy"]
     # the same draws by hand: seed, then transformers' sampling from the full distribution at temperature 1
     lm, tok = load_causal_lm(sampled.pivot), load_tokenizer(sampled.pivot)
-    items = [EvalItem(f"g{i}", "general", "distribution", [{"role": "user", "content": p}])
-             for i, p in enumerate(GENERAL_PROMPTS[:4])]
+    items = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS[:4]]
     torch.manual_seed(3)
     expected = generate_answers(lm, tok, items, 6, 2, temperature=1.0)
     records = [json.loads(line) for line in texts["sampled"].splitlines()]

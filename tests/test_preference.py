@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from fusechat.train.preference import WRPOTrainer, sequence_logps, wrpo_alpha, wrpo_loss
+from fusechat.implicit.wrpo import WRPOTrainer, sequence_logps, wrpo_alpha, wrpo_loss
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": "hello there"}],
@@ -25,14 +25,14 @@ PAIRS = [
 def models(tokenizer_dirs):
     from transformers import AutoTokenizer
 
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs["byte_bpe"]))
     return tokenizer, build_model("llama", tokenizer, seed=1, hidden=32, layers=1)
 
 
 def fresh(tokenizer, seed):
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
 
     return build_model("llama", tokenizer, seed=seed, hidden=32, layers=1)
 

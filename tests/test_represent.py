@@ -16,7 +16,7 @@ from fusechat.config import load_config
 from fusechat.errors import FusechatError
 from fusechat.represent import model_view, to_prepared_offsets, topk_and_ce
 from fusechat.shards import read_representation
-from fusechat.zoo.models import build_model
+from fusechat.zoo.architectures import build_model
 from fusechat.zoo.tokenizers import build_tokenizer
 
 
@@ -289,7 +289,7 @@ def test_bf16_runs_and_stays_close_to_fp32(tmp_path, zoo):
 
 def test_model_hash_changes_with_the_weights_not_only_the_config(tmp_path, zoo):
     from fusechat.config import ModelSpec
-    from fusechat.models import model_hash
+    from fusechat.model_loading import model_hash
 
     folder = tmp_path / "model"
     shutil.copytree(zoo["llama"], folder)

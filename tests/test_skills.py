@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from fusechat.zoo.skills import (
+from fusechat.synthetic.skills import (
     SKILLS,
     conversations,
     entropy_floor,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_config
+from references import dense_fusion_loss
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -15,7 +16,7 @@ from fusechat import align, fuse, prepare, represent
 from fusechat.config import load_config
 from fusechat.errors import FusechatError
 from fusechat.train import run as train_run
-from fusechat.train.loss import dense_reference, fusion_loss, teacher_with_temperature
+from fusechat.train.loss import fusion_loss, teacher_with_temperature
 
 # ------------------------------------------------------------------ the loss on tensors
 
@@ -27,7 +28,7 @@ def test_loss_by_hand():
     fused_ids = torch.tensor([[[1, 2], [0, 1], [0, 0]]])
     fused_probs = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]]])
     mask = torch.tensor([[True, False, False]])  # only position 0 in the fusion term
-    parts = fusion_loss(logits, labels, fused_ids, fused_probs, mask, lam=0.9)
+    parts = fusion_loss(logits, labels, fused_ids, fused_probs, mask, lambda_=0.9)
     # gold: position 0 predicts 1 with p = 1/3; position 1 predicts 0 with p = 2/4.
     gold = (math.log(3) + math.log(2)) / 2
     # fusion at position 0: -(0.5 log 1/3 + 0.5 log 1/3) = log 3.
@@ -35,7 +36,7 @@ def test_loss_by_hand():
     assert parts.fusion.item() == pytest.approx(math.log(3), rel=1e-6)
     # per position: 0.9·gold + 0.1·fusion at position 0, gold alone at position 1 (not in the fusion term)
     assert parts.loss.item() == pytest.approx((0.9 * math.log(3) + 0.1 * math.log(3) + math.log(2)) / 2, rel=1e-6)
-    full = fusion_loss(logits, labels, fused_ids, fused_probs, torch.tensor([[True, True, False]]), lam=0.9)
+    full = fusion_loss(logits, labels, fused_ids, fused_probs, torch.tensor([[True, True, False]]), lambda_=0.9)
     # both positions fused (the paper's case): 0.9·mean gold + 0.1·mean fusion, fusion at 1 = -log(2/4)
     assert full.loss.item() == pytest.approx(0.9 * gold + 0.1 * (math.log(3) + math.log(2)) / 2, rel=1e-6)
     assert (parts.gold_tokens, parts.fusion_positions) == (2, 1)
@@ -43,15 +44,15 @@ def test_loss_by_hand():
 
 def test_sparse_loss_equals_the_dense_reference():
     g = torch.Generator().manual_seed(0)
-    for lam in (0.0, 0.5, 0.9, 1.0):
+    for lambda_ in (0.0, 0.5, 0.9, 1.0):
         logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)
         labels = torch.randint(0, 11, (3, 7), generator=g)
         labels[torch.rand(3, 7, generator=g) < 0.3] = -100
         ids = torch.randint(0, 11, (3, 7, 4), generator=g)
         probs = torch.softmax(torch.randn(3, 7, 4, generator=g), dim=-1)
         mask = torch.rand(3, 7, generator=g) < 0.7
-        sparse = fusion_loss(logits, labels, ids, probs, mask, lam).loss
-        dense = dense_reference(logits, labels, ids, probs, mask, lam)
+        sparse = fusion_loss(logits, labels, ids, probs, mask, lambda_).loss
+        dense = dense_fusion_loss(logits, labels, ids, probs, mask, lambda_)
         assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
         g_sparse, = torch.autograd.grad(sparse, logits)
         g_dense, = torch.autograd.grad(dense, logits)
@@ -64,8 +65,8 @@ def test_kl_is_ce_minus_teacher_entropy_and_temperature():
     ids = torch.tensor([[[0, 1], [2, 3], [4, 5], [0, 1]]])
     probs = torch.tensor([[[0.75, 0.25], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]]])
     mask = torch.tensor([[True, True, True, False]])
-    ce = fusion_loss(logits, labels, ids, probs, mask, lam=0.0, kind="ce").fusion
-    kl = fusion_loss(logits, labels, ids, probs, mask, lam=0.0, kind="kl").fusion
+    ce = fusion_loss(logits, labels, ids, probs, mask, lambda_=0.0, kind="ce").fusion
+    kl = fusion_loss(logits, labels, ids, probs, mask, lambda_=0.0, kind="kl").fusion
     entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25) + 2 * 0.5 * math.log(0.5)) / 3
     assert (ce - kl).item() == pytest.approx(entropy, rel=1e-5)
     sharp = teacher_with_temperature(torch.tensor([0.75, 0.25, 0.0]), 0.5)
@@ -74,7 +75,7 @@ def test_kl_is_ce_minus_teacher_entropy_and_temperature():
 
 def test_lambda_outside_unit_interval_is_rejected():
     with pytest.raises(ValueError, match=r"lambda must be in \[0, 1\]"):
-        fusion_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), None, None, None, lam=1.5)
+        fusion_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), None, None, None, lambda_=1.5)
 
 
 # ------------------------------------------------------------------ the stage
@@ -290,7 +291,8 @@ def test_lambda_decay_and_held_out_evaluation(tmp_path, zoo):
 
 def test_baselines_train_beside_the_targets_and_leave_their_fingerprints_alone(tmp_path, zoo):
     from fusechat.config import load_config
-    from fusechat.train.stage import baseline_config, targets
+    from fusechat.train import targets
+    from fusechat.train.targets import baseline_config
 
     config = write_config(tmp_path, zoo, train={"max_steps": 1, "report_to": ["none"], "baselines": ["sft", "multi"]})
     cfg = load_config(config)

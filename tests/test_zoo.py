@@ -2,8 +2,9 @@ import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusechat.zoo.build import ZooModel, ZooSpec, build_zoo, tokenizer_corpus
-from fusechat.zoo.skills import SKILLS, conversations
+from fusechat.synthetic.skills import SKILLS, conversations
+from fusechat.zoo.build import build_zoo, tokenizer_corpus
+from fusechat.zoo.catalog import ZooModel, ZooSpec
 
 MICRO = ZooSpec(models=(
     ZooModel("pivot", "llama", "byte_bpe", 400, 16, 1, {"repeat": 16}, steps=2, batch_size=4),
@@ -103,7 +104,7 @@ def test_the_template_choice_keeps_the_fingerprint_of_openchat_models_and_the_de
     from fusechat.config import stable_hash
     from fusechat.demo import write_config
     from fusechat.errors import FusechatError
-    from fusechat.zoo.build import CHATML_ZOO, DESCRIBER, spec_hash
+    from fusechat.zoo.catalog import CHATML_ZOO, DESCRIBER, spec_hash
 
     without_template = {k: v for k, v in dataclasses.asdict(DESCRIBER).items() if k != "template"}
     assert spec_hash(DESCRIBER) == stable_hash(without_template)  # zoos built before the field stay valid

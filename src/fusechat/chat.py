@@ -10,7 +10,7 @@ from typing import TextIO
 
 from fusechat.data.templates import FALLBACK_TEMPLATE, fallback_template
 from fusechat.errors import FusechatError
-from fusechat.models import (
+from fusechat.model_loading import (
     TORCH_DTYPES,
     device_map_for,
     load_causal_lm,

@@ -18,6 +18,7 @@ from fusechat import __version__
 from fusechat.config import eval_settings
 from fusechat.errors import FusechatError
 from fusechat.progress import console
+from fusechat.stages import STAGES, StageOption, stage
 
 app = typer.Typer(
     name="fusechat",
@@ -48,52 +49,34 @@ def _stage(name: str, cfg, force: bool = False, **options) -> None:
     run_stages([name], cfg, force=force, **options)
 
 
-ModelOpt = Annotated[Optional[str], typer.Option(help="Run one model of the run only.")]
-SourceOpt = Annotated[Optional[str], typer.Option(help="Train one target only: a source's, sft, multi, "
-                                                       "implicit-sft or implicit-dpo.")]
-SampleModelOpt = Annotated[Optional[str], typer.Option(help="Sample one answering model only.")]
-AnalyzeOpt = Annotated[bool, typer.Option(help="Also write per-matrix weights and a heatmap.")]
+def _option_annotation(option: StageOption):
+    kind = option.type if option.default is not None else Optional[option.type]
+    return Annotated[kind, typer.Option(help=option.help)]
 
 
-# The stage commands: the config, --set, --force and at most one option of their own.
-STAGE_COMMANDS = {
-    "prepare": ("Render and tokenize the conversations; loss only on assistant turns.", None),
-    "represent": ("Record every model's top-k next-token logits and per-sequence cross-entropy.",
-                  ("model", ModelOpt, None)),
-    "align": ("Map each source's distributions onto the pivot's tokens and vocabulary.", None),
-    "fuse": ("Choose, per sequence, the pivot's or the source's distribution (MinCE).", None),
-    "sample": ("Implicit fusion: several sampled answers per training prompt from each model.",
-               ("model", SampleModelOpt, None)),
-    "score": ("Implicit fusion: score every sampled answer, then build the SFT set and the preference pairs.", None),
-    "train": ("Train the targets: one per source on the fused distributions; implicit-sft and implicit-dpo.",
-              ("source", SourceOpt, None)),
-    "merge": ("Merge the targets in parameter space (VaRM, SCE, mergekit's methods: docs/merge.md).",
-              ("analyze", AnalyzeOpt, False)),
-}
-
-
-def _stage_command(stage: str, doc: str, option: tuple | None):
-    """A typer command for ``stage``; ``option``: (name, annotation, default) of its own option, if any."""
+def _stage_command(name: str, doc: str, option: StageOption | None):
+    """A typer command for the stage ``name``: the config, --set, --force and its own option, if any."""
     def command(config, set_=None, force=False, **own):
-        _stage(stage, _load(config, set_), force, **own)
+        _stage(name, _load(config, set_), force, **own)
 
     P = inspect.Parameter
     params = [P("config", P.POSITIONAL_OR_KEYWORD, annotation=ConfigArg),
               P("set_", P.POSITIONAL_OR_KEYWORD, default=None, annotation=SetOpt),
               P("force", P.POSITIONAL_OR_KEYWORD, default=False, annotation=ForceOpt)]
     if option:
-        params.append(P(option[0], P.KEYWORD_ONLY, default=option[2], annotation=option[1]))
+        params.append(P(option.name, P.KEYWORD_ONLY, default=option.default, annotation=_option_annotation(option)))
     command.__signature__ = inspect.Signature(params, return_annotation=None)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc
     return command
 
 
-for _name, (_doc, _option) in STAGE_COMMANDS.items():
-    app.command(_name)(_stage_command(_name, _doc, _option))
+for _stage_record in STAGES:
+    if not _stage_record.own_command:
+        app.command(_stage_record.name)(_stage_command(_stage_record.name, _stage_record.help, _stage_record.option))
 
 
-@app.command("eval")
+@app.command("eval", help=stage("eval").help)
 def eval_(
     config: Annotated[
         Optional[list[str]],
@@ -125,7 +108,6 @@ def eval_(
                                               "the key comes from $OPENAI_API_KEY.", show_default=False),
     ] = None,
 ) -> None:
-    """Evaluate the pivot, sources, targets and merges on held-out items and MT-Bench; or any models with --models."""
     from fusechat.evaluate.stage import evaluate_folders
 
     positional = config or []

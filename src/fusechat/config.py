@@ -29,17 +29,20 @@ from fusechat.errors import ConfigError
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATA_SUFFIXES = (".json", ".jsonl")
-# The built-in chat templates (fusechat.data.templates defines them; a test keeps the two in step).
+# The built-in chat templates (fusechat.data.templates defines them; tests/test_config.py keeps the two in step).
 TEMPLATE_NAMES = ("openchat", "chatml")
 WHEEL_REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 # A model `path` written `hub:org/name` is a hub id, the same as `hub: true` with `path: org/name`.
 HUB_PREFIX = "hub:"
-# Names that already mean something as folders or table rows: the baseline targets and the merges.
-MERGE_METHODS = ("varm", "sce", "linear", "task_arithmetic", "ties", "dare", "slerp")
+# The targets that are no source's: folders under targets/ and rows of the table.
+SFT, MULTI, IMPLICIT_SFT, IMPLICIT_DPO = "sft", "multi", "implicit-sft", "implicit-dpo"
+# Names a model may not take: they already name those targets (the merge methods' names are refused
+# too, by `fusechat.pipeline.merge_problems`, which reads them from the merge registry).
 RESERVED_NAMES = {
-    "sft": "the SFT baseline's target (targets/sft)",
-    "multi": "the Multi baseline's fused set and target (fuse/multi, targets/multi)",
-    **{m: f"the {m} merge (merged/{m})" for m in MERGE_METHODS},
+    SFT: "the SFT baseline's target (targets/sft)",
+    MULTI: "the Multi baseline's fused set and target (fuse/multi, targets/multi)",
+    IMPLICIT_SFT: "the implicit route's SFT target (targets/implicit-sft)",
+    IMPLICIT_DPO: "the implicit route's DPO target (targets/implicit-dpo)",
 }
 
 
@@ -311,24 +314,6 @@ class MergeConfig(Section):
     targets: list[str] | None = Field(None, description="Targets to merge (default: one per source).")
     seed: int = Field(0, description="Seed of the random methods (DARE's drops), per tensor.")
     max_shard_size_mb: float = Field(5000, gt=0, description="Largest output safetensors shard, in MiB.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            moved = [f"merge.{k}: now merge.params.{m}.{n}" for k, (m, n) in MOVED_MERGE_KEYS.items() if k in data]
-            if moved:
-                raise ValueError("; ".join(moved))
-        return data
-
-
-# Keys of the flat merge section of fusechat 0.1 and where they live now.
-MOVED_MERGE_KEYS = {
-    "granularity": ("varm", "granularity"), "variation": ("varm", "variation"),
-    "sce_select_fraction": ("sce", "select_fraction"), "sce_select": ("sce", "select"),
-    "weights": ("<method>", "weights"), "density": ("<method>", "density"), "ta_scale": ("<method>", "scale"),
-    "slerp_t": ("slerp", "t"),
-}
 
 
 class JudgeSection(Section):

@@ -19,7 +19,7 @@ from fusechat.errors import FusechatError
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.pipeline import load_run, run_all
 from fusechat.progress import compact_console, console
-from fusechat.zoo.build import DEMO_ZOOS, ZOO_FOLDERS, ZOOS
+from fusechat.zoo.catalog import DEMO_ZOOS, ZOO_FOLDERS, ZOOS
 
 DEFAULT_OUT = "fusechat-demo"
 LOG_NAME = "demo.log"

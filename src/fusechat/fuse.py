@@ -42,7 +42,7 @@ from fusechat.align.project import (
     pivot_distribution,
 )
 from fusechat.align.stage import complete_representation
-from fusechat.config import RunConfig, stable_hash
+from fusechat.config import MULTI, RunConfig, stable_hash
 from fusechat.errors import FusechatError
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import RunDir, build_output, is_complete, require_complete
@@ -57,7 +57,6 @@ from fusechat.shards import (
     write_fused_shard,
 )
 
-MULTI = "multi"
 EXCLUDED, GATED = -1, -2  # choices of a sequence out of the fusion term: no finite CE; best CE above fuse.max_ce
 OUT_LABELS = {EXCLUDED: "excluded", GATED: "gated"}
 FUSED_FORMAT = 2  # the shard layout (FusedRow); a new layout redoes older output

@@ -1,7 +1,11 @@
 """The pipeline: a run config loaded once, its models and data made ready once, then the stages in order.
 
-Each stage is a module with ``run(cfg, force=..., **options)``; this module is the only
-place that knows their order. ``load_run`` is what every command that runs stages calls.
+Each stage is a module with ``run(cfg, force=..., **options)``, named with its route and
+place in ``fusechat.stages.STAGES``, and imported only when it runs. ``load_run`` is what
+every command that runs stages calls. A model entry is a folder (or hub id), a GGUF file
+(``fusechat.gguf_models``, converted once), or a model of the demo's zoo: the zoo's catalog
+is read only for configs that name one, and its builder (which trains) imported only when
+one must be built.
 """
 
 from __future__ import annotations
@@ -12,47 +16,37 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RESERVED_NAMES, RunConfig, load_config
+from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RESERVED_NAMES, ModelSpec, RunConfig, load_config
 from fusechat.errors import ConfigError
+from fusechat.gguf_models import converted_folder, ensure_converted, is_converted, source_problem
 from fusechat.merge.registry import METHODS, check_merge_settings
-from fusechat.model_sources import (
-    ensure_converted,
-    ensure_zoo_models,
-    is_converted,
-    model_folder,
-    source_problem,
-    zoo_problem,
-    zoo_skills,
-)
-from fusechat.models import model_path_problem, reward_model_problem
+from fusechat.model_loading import model_path_problem, reward_model_problem
 from fusechat.progress import console, stage_line
-from fusechat.rundir import STAGES, RunDir, remove_dead_temporaries, run_lock
-from fusechat.synthetic import ensure_synthetic, skill_checker, synthetic_problems
+from fusechat.rundir import RunDir, remove_dead_temporaries, run_lock
+from fusechat.stages import stage as stage_record
+from fusechat.stages import stages_of_route
+from fusechat.synthetic.checker import skill_checker
+from fusechat.synthetic.mixture import ensure_synthetic, synthetic_problems
 
-# Stage -> module. Imported when the stage runs: mergekit alone takes seconds to import.
-STAGE_MODULES = {
-    "prepare": "fusechat.prepare",
-    "represent": "fusechat.represent",
-    "align": "fusechat.align",
-    "fuse": "fusechat.fuse",
-    "sample": "fusechat.implicit.sample",
-    "score": "fusechat.implicit.score",
-    "train": "fusechat.train",
-    "merge": "fusechat.merge",
-    "eval": "fusechat.evaluate",
-}
-# Stages of each route: explicit fusion fuses distributions and merges targets, implicit fusion learns from
-# scored answers; train and eval serve both.
-EXPLICIT_ONLY = ("represent", "align", "fuse", "merge")
-IMPLICIT_ONLY = ("sample", "score")
+ZOO_CATALOG = "fusechat.zoo.catalog"  # plain data: read for configs with `zoo:` entries
+ZOO_BUILDER = "fusechat.zoo.build"  # trains: imported only when a zoo model must be built
 
 
 def route_stages(cfg: RunConfig) -> list[str]:
     """The stages of the config's route, in order."""
-    return [s for s in STAGES
-            if not (s in EXPLICIT_ONLY and not cfg.explicit_route)
-            and not (s in IMPLICIT_ONLY and not cfg.implicit_route)
-            and not (s == "prepare" and not cfg.explicit_route)]
+    return [s.name for s in stages_of_route(cfg.route)]
+
+
+def zoo_catalog():
+    return importlib.import_module(ZOO_CATALOG)
+
+
+def model_folder(spec: ModelSpec) -> Path:
+    """Where the model's Hugging Face folder is: its `path`, or the default place of its GGUF conversion or zoo
+    build."""
+    if spec.path is not None:
+        return Path(spec.path)
+    return converted_folder(spec.gguf) if spec.gguf is not None else zoo_catalog().default_folder(spec.zoo)
 
 
 def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
@@ -86,7 +80,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         if spec.path is None:
             spec.path = str(model_folder(spec))
         if spec.zoo is not None and not spec.skills:
-            spec.skills = zoo_skills(spec.zoo)
+            spec.skills = zoo_catalog().zoo_skills(spec.zoo)
     return cfg
 
 
@@ -105,7 +99,7 @@ def run_problems(cfg: RunConfig) -> list[str]:
             problem = None if is_converted(model_folder(m)) else source_problem(m.gguf)
             field = "gguf"
         elif m.zoo is not None:
-            problem, field = zoo_problem(m.zoo), "zoo"
+            problem, field = zoo_catalog().zoo_problem(m.zoo), "zoo"
         else:
             problem, field = model_path_problem(m.path, m.hub), "path"
         if problem:
@@ -147,9 +141,12 @@ def make_ready(cfg: RunConfig) -> None:
     with run_lock(cfg.run_dir):
         RunDir(cfg.run_dir).save_config(cfg.to_yaml())
     ensure_synthetic(cfg)
-    ensure_zoo_models(cfg.models)
+    unbuilt = [s for s in cfg.models if s.zoo is not None and not zoo_catalog().entry_is_built(s.zoo, Path(s.path))]
+    if unbuilt:
+        importlib.import_module(ZOO_BUILDER).build_entries(unbuilt)
     for spec in cfg.models:
-        ensure_converted(spec)
+        if spec.gguf is not None:
+            ensure_converted(spec)
 
 
 def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> None:
@@ -163,7 +160,7 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> Non
         options.setdefault("checker", skill_checker)  # the synthetic skills' checker; core modules know no skill
     with run_lock(cfg.run_dir):
         remove_dead_temporaries(cfg.run_dir)
-        importlib.import_module(STAGE_MODULES[stage]).run(cfg, force=force, **options)
+        importlib.import_module(stage_record(stage).module).run(cfg, force=force, **options)
 
 
 def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options) -> None:

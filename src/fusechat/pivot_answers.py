@@ -19,9 +19,8 @@ from pathlib import Path
 from fusechat.config import PivotAnswersConfig, RunConfig, stable_hash
 from fusechat.data.general_prompts import GENERAL_PROMPTS
 from fusechat.errors import DataError
-from fusechat.evaluate.items import EvalItem
-from fusechat.evaluate.metrics import generate_answers
-from fusechat.models import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
+from fusechat.generation import generate_answers
+from fusechat.model_loading import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, build_output, is_complete
 
@@ -72,20 +71,19 @@ def run(cfg: RunConfig, force: bool = False) -> Path | None:
     if is_complete(out, fingerprint, force, label="pivot answers"):
         return out
     model = load_causal_lm(cfg.pivot, settings.dtype, device_map_for(settings.device, "data.pivot_answers.device"))
-    items = [EvalItem(f"pivot-answer-{i}", "general", "distribution", [{"role": "user", "content": p}])
-             for i, p in enumerate(prompts)]
     with progress_bar() as bar:
-        task = bar.add_task(f"pivot answers ({cfg.pivot.name})", total=len(items))
+        task = bar.add_task(f"pivot answers ({cfg.pivot.name})", total=len(prompts))
         if settings.temperature > 0:
             import torch
 
             torch.manual_seed(settings.seed)
-        answers = generate_answers(model, tokenizer, items, settings.max_new_tokens, settings.batch_size,
+        answers = generate_answers(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                                   settings.max_new_tokens, settings.batch_size,
                                    lambda n: bar.advance(task, n), settings.temperature)
     del model
-    records = [{"id": it.id, "conversations": [{"from": "human", "value": it.messages[0]["content"]},
-                                               {"from": "gpt", "value": a}]}
-               for it, a in zip(items, answers) if a]
+    records = [{"id": f"pivot-answer-{i}", "conversations": [{"from": "human", "value": p},
+                                                             {"from": "gpt", "value": a}]}
+               for i, (p, a) in enumerate(zip(prompts, answers)) if a]
     with build_output(out, "pivot_answers", fingerprint) as building:
         (building.folder / ANSWERS_FILE).write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -24,7 +24,7 @@ from fusechat.data.masks import assistant_token_mask, labels_from_mask
 from fusechat.data.readers import iter_records
 from fusechat.data.templates import Rendered, get_template
 from fusechat.errors import MAX_LISTED, DataError, FusechatError, listed
-from fusechat.models import load_tokenizer, tokenizer_hash
+from fusechat.model_loading import load_tokenizer, tokenizer_hash
 from fusechat.pivot_answers import training_paths
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import RunDir, build_output, is_complete, require_complete, sha256_tree

@@ -24,7 +24,7 @@ from fusechat.config import ModelSpec, RunConfig, stable_hash
 from fusechat.data.masks import assistant_token_mask
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
-from fusechat.models import (
+from fusechat.model_loading import (
     device_map_for,
     load_causal_lm,
     load_tokenizer,

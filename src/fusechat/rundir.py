@@ -29,21 +29,10 @@ from fusechat import __version__
 from fusechat.errors import FusechatError
 from fusechat.progress import console
 from fusechat.shards import shard_problem
+from fusechat.stages import STAGES
 
-STAGES = ("prepare", "represent", "align", "fuse", "sample", "score", "train", "merge", "eval")
-# Folder of each stage's output under the run directory.
-STAGE_DIRS = {
-    "pivot_answers": "pivot_answers",
-    "prepare": "prepared",
-    "represent": "represent",
-    "align": "align",
-    "fuse": "fuse",
-    "sample": "samples",
-    "score": "scores",
-    "train": "targets",
-    "merge": "merged",
-    "eval": "eval",
-}
+# Folder of each stage's output under the run directory; the pivot's own answers are prepare's first step.
+STAGE_DIRS = {"pivot_answers": "pivot_answers", **{s.name: s.folder for s in STAGES}}
 MANIFEST = "manifest.json"
 LOCK_FILE = "fusechat.lock"
 # What atomic writes leave behind when their process dies: `.NAME.tmp-PID` and `.NAME.old-PID`.

@@ -98,7 +98,7 @@ def write_shard(path: Path, rows: list[SequenceRep], meta: dict) -> int:
         "assistant_bytes": pa.array([r.assistant_bytes for r in rows], pa.int32()),
         "finite": pa.array([r.finite for r in rows], pa.bool_()),
     }
-    return _write_table(path, columns, meta)
+    return write_table(path, columns, meta)
 
 
 def shard_problem(path: Path, rows: int | None = None) -> str | None:
@@ -239,7 +239,7 @@ def write_aligned_shard(path: Path, rows: list[AlignedRow], meta: dict, id_type=
         "source_bytes": pa.array([r.source_bytes for r in rows], pa.int64()),
         "source_finite": pa.array([r.source_finite for r in rows], pa.bool_()),
     }
-    return _write_table(path, columns, meta)
+    return write_table(path, columns, meta)
 
 
 def write_fused_shard(path: Path, rows: list[FusedRow], meta: dict, id_type=np.int32) -> int:
@@ -252,7 +252,7 @@ def write_fused_shard(path: Path, rows: list[FusedRow], meta: dict, id_type=np.i
         "choice": pa.array([r.choice for r in rows], pa.int64()),
         "candidate_ce": pa.array([[float(c) for c in r.candidate_ce] for r in rows], pa.list_(pa.float64())),
     }
-    return _write_table(path, columns, meta)
+    return write_table(path, columns, meta)
 
 
 def _read_dists(path: Path, per_position: str, scalars: tuple[str, ...]) -> Iterator[dict]:
@@ -286,7 +286,7 @@ def read_fused(folder: str | os.PathLike) -> Iterator[FusedRow]:
 # ---------------------------------------------------------------- writing
 
 
-def _write_table(path: Path, columns: dict, meta: dict) -> int:
+def write_table(path: Path, columns: dict, meta: dict) -> int:
     """One Parquet shard from ``columns``, flushed to disk then renamed into place; its size in bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq

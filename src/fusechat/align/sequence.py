@@ -15,9 +15,9 @@ Two methods:
 - ``dtw`` (the paper's): dynamic time warping over the two token-string sequences
   with edit distance as the cost; the optimal path's diagonal steps start groups.
   ``dtw_matrix`` fills the table one row at a time with numpy (a running
-  minimum turns the in-row dependency into one vectorised scan);
-  ``dtw_reference`` is the plain O(n·m) double loop it must agree with, and
-  ``dtw_research`` the research code's own loop with the C edit distance.
+  minimum turns the in-row dependency into one vectorised scan). The tests hold it
+  against the plain O(n·m) double loop and the research code's own loop
+  (``tests/references.py``).
 """
 
 from __future__ import annotations
@@ -187,64 +187,6 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
         np.minimum.accumulate(a, out=a)
         np.add(a, running[i], out=D[i])
     return D
-
-
-def dtw_reference(cost: np.ndarray) -> np.ndarray:
-    """The plain O(n·m) double loop, for tests and the benchmark."""
-    n, m = cost.shape
-    inf = float("inf")
-    D = [[inf] * m for _ in range(n)]
-    for i in range(n):
-        for j in range(m):
-            if i == 0 and j == 0:
-                best = 0
-            else:
-                best = min(
-                    D[i - 1][j - 1] if i and j else inf,
-                    D[i - 1][j] if i else inf,
-                    D[i][j - 1] if j else inf,
-                )
-            D[i][j] = int(cost[i][j]) + best
-    return np.array(D, dtype=np.int64).reshape(n, m)
-
-
-def levenshtein_reference(a: str, b: str) -> int:
-    """Plain-Python edit distance, for tests and the benchmark."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        cur = [i]
-        for j, cb in enumerate(b, start=1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def align_dtw_reference(pivot_tokens: list[str], source_tokens: list[str]) -> Groups:
-    """``align_dtw`` the plain way: Python edit distances and the O(n·m) double loop."""
-    cost = np.array([[levenshtein_reference(a, b) for b in source_tokens] for a in pivot_tokens], dtype=np.int64)
-    return path_to_groups(dtw_path(dtw_reference(cost)))
-
-
-def dtw_research(pivot_tokens: list[str], source_tokens: list[str]) -> np.ndarray:
-    """The accumulated cost as the FuseChat research code computes it: an (n+1, m+1) float table with an
-    infinite border, filled by a Python double loop that calls the C ``editdistance.eval`` for every cell.
-    Returns the (n, m) table without the border. Needs ``pip install editdistance`` (the ``bench`` extra)."""
-    import editdistance
-
-    n, m = len(pivot_tokens), len(source_tokens)
-    table = np.full((n + 1, m + 1), np.inf)
-    table[0, 0] = 0.0
-    for i, a in enumerate(pivot_tokens):
-        for j, b in enumerate(source_tokens):
-            table[i + 1, j + 1] = editdistance.eval(a, b) + min(table[i, j + 1], table[i + 1, j], table[i, j])
-    return table[1:, 1:]
-
-
-def align_dtw_research(pivot_tokens: list[str], source_tokens: list[str]) -> Groups:
-    """``align_dtw`` computed the research code's way (``dtw_research``), through the same path and groups."""
-    if not pivot_tokens or not source_tokens:
-        return _groups_from_cuts(np.array([0, len(pivot_tokens)]), np.array([0, len(source_tokens)]))
-    return path_to_groups(dtw_path(dtw_research(pivot_tokens, source_tokens)))
 
 
 def dtw_path(D: np.ndarray) -> list[tuple[int, int]]:

@@ -39,7 +39,7 @@ from fusechat.align.vocab import (
 )
 from fusechat.config import ModelSpec, RunConfig, stable_hash
 from fusechat.errors import FusechatError
-from fusechat.models import load_tokenizer
+from fusechat.model_loading import load_tokenizer
 from fusechat.prepare import load_prepared
 from fusechat.progress import console, progress_bar, summary_table
 from fusechat.rundir import RunDir, build_output, is_complete, require_complete

@@ -28,6 +28,11 @@ FIELDS = ("id", "skill", "kind", "messages", "answer")
 FLOOR_FIELDS = ("entropy_bits", "expected_bytes")
 
 
+def exact_match(prediction: str, answer: str) -> bool:
+    """An exact item's verdict: equal once surrounding whitespace is stripped."""
+    return prediction.strip() == answer.strip()
+
+
 @dataclass
 class EvalItem:
     id: str

@@ -10,10 +10,8 @@ what each chosen teacher holds beyond the gold tokens, and the wall time of ever
 from __future__ import annotations
 
 from fusechat.config import RunConfig
-from fusechat.rundir import STAGES, RunDir, read_manifest
-
-# Stage -> folder(s) under the run directory whose manifests carry its elapsed_s.
-_PER_MODEL = {"represent", "align", "fuse", "sample", "train", "merge"}
+from fusechat.rundir import RunDir, read_manifest
+from fusechat.stages import STAGES
 
 
 def pipeline_summary(cfg: RunConfig) -> dict:
@@ -48,14 +46,14 @@ def pipeline_summary(cfg: RunConfig) -> dict:
         summary["implicit"] = {k: report.get(k) for k in ("prompts", "answers", "sft", "pairs", "kind",
                                                            "mean_margin", "per_model")}
     for stage in STAGES:
-        if stage == "eval":
+        if stage.name == "eval":
             continue  # still running while this is written
-        folder = rundir.stage(stage)
+        folder = rundir.stage(stage.name)
         manifests = ([read_manifest(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-                     if stage in _PER_MODEL and folder.is_dir() else [read_manifest(folder)])
+                     if stage.per_model and folder.is_dir() else [read_manifest(folder)])
         seconds = [m.get("elapsed_s") for m in manifests if m and m.get("elapsed_s") is not None]
         if seconds:
-            summary["stage_seconds"][stage] = round(sum(seconds), 1)
+            summary["stage_seconds"][stage.name] = round(sum(seconds), 1)
     return summary
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusechat.config import RunConfig
+from fusechat.config import IMPLICIT_DPO, IMPLICIT_SFT, MULTI, SFT, RunConfig
 from fusechat.errors import FusechatError
-from fusechat.models import model_hash, row_spec
+from fusechat.model_loading import model_hash, row_spec
 from fusechat.progress import console
 from fusechat.rundir import RunDir, read_manifest
 
 SKIPPED_MERGE_FOLDERS = ("analysis",)
-IMPLICIT_ROWS = ("implicit-sft", "implicit-dpo")  # the implicit route's targets (fusechat.train.stage)
 
 
 @dataclass
@@ -29,7 +28,7 @@ def model_rows(cfg: RunConfig) -> list[Row]:
     rows += [Row(s.name, s.path, model_hash(s), "source") for s in cfg.sources]
     rundir = RunDir(cfg.run_dir)
     sources = [s.name for s in cfg.sources]
-    plain = ("sft", "multi", *IMPLICIT_ROWS)  # rows named as their folders
+    plain = (SFT, MULTI, IMPLICIT_SFT, IMPLICIT_DPO)  # targets that are no source's: rows named as their folders
     for folder in _complete_folders(rundir.stage("train"), [*sources, *plain]):
         label = folder.name if folder.name in plain else f"target-{folder.name}"
         rows.append(Row(label, str(folder), read_manifest(folder)["fingerprint"], "target"))

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from fusechat.config import EvalConfig, RunConfig, stable_hash
 from fusechat.errors import DataError, FusechatError
-from fusechat.evaluate.items import EvalItem, entropy_floors, load_items, skills_of
-from fusechat.evaluate.metrics import answer_bits, exact_match, generate_answers
+from fusechat.evaluate.items import EvalItem, entropy_floors, exact_match, load_items, skills_of
 from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
 from fusechat.evaluate.pipeline_report import pipeline_summary
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.evaluate.retention import against, retention
 from fusechat.evaluate.rows import Row, folder_rows, model_rows
-from fusechat.models import with_model
+from fusechat.generation import answer_bits, generate_answers
+from fusechat.model_loading import with_model
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, sha256_file
 
@@ -62,7 +62,7 @@ def score_model(name: str, path: str, items: list[EvalItem], max_new_tokens: int
     exact = [i for i, it in enumerate(items) if it.kind == "exact"]
 
     def work(model, tokenizer):
-        answers = generate_answers(model, tokenizer, [items[i] for i in exact], max_new_tokens, batch_size,
+        answers = generate_answers(model, tokenizer, [items[i].messages for i in exact], max_new_tokens, batch_size,
                                    on_batch=on_batch)
         return answers, answer_bits(model, tokenizer, items, batch_size, on_batch=on_batch)
 

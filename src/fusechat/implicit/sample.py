@@ -19,7 +19,7 @@ from pathlib import Path
 from fusechat.config import ModelSpec, RunConfig, SampleConfig, stable_hash
 from fusechat.distributed import process_state
 from fusechat.errors import DataError, FusechatError, listed
-from fusechat.evaluate.metrics import (
+from fusechat.generation import (
     ChatEncoder,
     batches,
     context_length,
@@ -30,10 +30,10 @@ from fusechat.evaluate.metrics import (
 )
 from fusechat.implicit.prompts import Prompt, load_prompts, prompts_fingerprint
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
-from fusechat.models import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
+from fusechat.model_loading import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, is_complete
-from fusechat.shards import _write_table, shard_files, shard_meta, shard_name
+from fusechat.shards import shard_files, shard_meta, shard_name, write_table
 
 # Settings that change which answers are drawn (device and dtype aside, which change them by rounding only).
 _SAMPLING_KEYS = ("samples_per_prompt", "temperature", "top_p", "max_new_tokens", "batch_size", "shard_size", "seed")
@@ -203,7 +203,7 @@ def write_samples(path: Path, rows: list[dict], meta: dict) -> int:
         "new_tokens": pa.array([r["new_tokens"] for r in rows], pa.int32()),
         "finished": pa.array([r["finished"] for r in rows], pa.bool_()),
     }
-    return _write_table(path, columns, meta)
+    return write_table(path, columns, meta)
 
 
 def read_samples(folder: Path, shard: int | None = None) -> list[dict]:

@@ -24,7 +24,7 @@ from fusechat.implicit.prompts import load_prompts
 from fusechat.implicit.sample import read_samples, sample_models
 from fusechat.implicit.scorers import Checker, make_scorer
 from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
-from fusechat.models import reward_model_problem
+from fusechat.model_loading import reward_model_problem
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
     RunDir,
@@ -35,7 +35,7 @@ from fusechat.rundir import (
     require_complete,
     sha256_file,
 )
-from fusechat.shards import _write_table, shard_files, shard_name
+from fusechat.shards import shard_files, shard_name, write_table
 
 PAIRS_DIR = "pairs"
 
@@ -134,7 +134,7 @@ def write_scores(path: Path, rows: list[dict], values: list[float], meta: dict) 
         "sample": pa.array([r["sample"] for r in rows], pa.int32()),
         "score": pa.array(values, pa.float64()),
     }
-    return _write_table(path, columns, meta)
+    return write_table(path, columns, meta)
 
 
 def read_scores(folder: Path) -> list[dict]:

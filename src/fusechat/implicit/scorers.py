@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 from fusechat.config import ScoreConfig
 from fusechat.errors import DataError, FusechatError
-from fusechat.evaluate.metrics import ChatEncoder, pad_batch
-from fusechat.evaluate.mtbench.endpoint import EndpointJudge
-from fusechat.evaluate.mtbench.judge import LocalJudge
+from fusechat.generation import ChatEncoder, pad_batch
 from fusechat.implicit.prompts import Prompt
-from fusechat.models import (
+from fusechat.judges.endpoint import EndpointJudge
+from fusechat.judges.local import LocalJudge
+from fusechat.model_loading import (
     TORCH_DTYPES,
     check_weights,
     device_map_for,

@@ -9,11 +9,11 @@ import torch
 
 from fusechat.config import RunConfig
 from fusechat.evaluate.items import load_items
-from fusechat.evaluate.metrics import answer_bits
+from fusechat.generation import answer_bits
 from fusechat.merge.methods import varm_weights
 from fusechat.merge.registry import merge_method_named
 from fusechat.merge.tensors_io import layer_key, module_type
-from fusechat.models import free_memory, load_causal_lm, load_tokenizer, row_spec
+from fusechat.model_loading import free_memory, load_causal_lm, load_tokenizer, row_spec
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, atomic_write_json
 

@@ -1,4 +1,5 @@
-"""Training the targets: the sparse fusion loss, data, a Trainer, the implicit route's SFT and DPO, and the stage."""
+"""Stage 5, train: the explicit route's targets (``fusechat.train.targets``), then the implicit route's
+(``fusechat.implicit.train``), each trained from the pivot."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ from pathlib import Path
 
 from fusechat.config import RunConfig
 from fusechat.errors import FusechatError
-from fusechat.train.implicit import train_implicit
-from fusechat.train.stage import IMPLICIT_TARGETS, baseline_config, targets, train_target
+from fusechat.implicit.train import implicit_targets, train_implicit
+from fusechat.train.targets import baseline_config, explicit_targets, train_target
 
-__all__ = ["run"]
+__all__ = ["run", "targets"]
+
+
+def targets(cfg: RunConfig) -> list[str]:
+    """Names of the targets this config trains, in order: the explicit route's, then the implicit route's."""
+    return list(dict.fromkeys(explicit_targets(cfg) + implicit_targets(cfg)))
 
 
 def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[Path]:
@@ -19,9 +25,10 @@ def run(cfg: RunConfig, force: bool = False, source: str | None = None) -> list[
         if source not in names:
             raise FusechatError(f"no target {source!r} in this run (targets: {', '.join(names)})")
         names = [source]
+    implicit = set(implicit_targets(cfg))
     out = []
     for name in names:
-        if name in IMPLICIT_TARGETS:
+        if name in implicit:
             out.append(train_implicit(cfg, name, force))
         else:
             out.append(train_target(baseline_config(cfg, name) if name in cfg.train.baselines else cfg, name, force))

@@ -30,7 +30,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                         fused_ids: torch.Tensor | None, fused_probs: torch.Tensor | None,
-                        fusion_mask: torch.Tensor | None, lam: float, kind: str = "ce", temperature: float = 1.0,
+                        fusion_mask: torch.Tensor | None, lambda_: float, kind: str = "ce", temperature: float = 1.0,
                         chunk_size: int | None = None, softcap: float | None = None) -> LossParts:
     """``fusion_loss(hidden @ weight.T + bias, ...)`` without the full logits; the same ``LossParts``.
 
@@ -40,8 +40,8 @@ def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     token t + 1, as in ``fusion_loss``. ``softcap``: logits become softcap · tanh(logits /
     softcap) (Gemma-2's and Gemma-3's ``final_logit_softcapping``).
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     B, T, _ = hidden.shape
@@ -49,7 +49,7 @@ def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     targets = labels[:, 1:].reshape(n)
     gold_mask = targets != IGNORE_INDEX
     n_gold = int(gold_mask.sum())
-    use_fusion = lam < 1.0 and fused_ids is not None
+    use_fusion = lambda_ < 1.0 and fused_ids is not None
     # As fusion_loss: without fused targets the loss is the gold term alone, whatever λ; with them, each
     # position's λ·gold + (1 − λ)·fusion (gold alone outside the fusion term), averaged over the positions.
     gold_coef = gold_mask.float() / max(n_gold, 1)  # (n,)
@@ -65,11 +65,11 @@ def chunked_fusion_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         n_fusion = int(fmask.sum())
         active = active | fmask
         n_active = max(int(active.sum()), 1)
-        gold_coef = gold_mask.float() * torch.where(fmask, lam, 1.0) / n_active
-        fusion_coef = fmask.float() * ((1.0 - lam) / n_active)
+        gold_coef = gold_mask.float() * torch.where(fmask, lambda_, 1.0) / n_active
+        fusion_coef = fmask.float() * ((1.0 - lambda_) / n_active)
         if kind == "kl":  # the teacher's negative entropy: a constant, no gradient
             neg_entropy = torch.where(q > 0, q * q.clamp_min(1e-30).log(), torch.zeros_like(q)).sum(-1)
-            kl_const = (1.0 - lam) * (neg_entropy * fmask).sum() / n_active
+            kl_const = (1.0 - lambda_) * (neg_entropy * fmask).sum() / n_active
             kl_mean = (neg_entropy * fmask).sum() / max(n_fusion, 1)
     rows = active.nonzero().squeeze(-1)  # (n_active,)
     if chunk_size is None:

@@ -2,7 +2,8 @@
 
 The fused target stays top-k: the fusion term gathers the student's
 log-probabilities at the k target ids, so no vocabulary-sized target tensor is
-built (the research code builds batch × length × vocab dense targets).
+built (the research code builds batch × length × vocab dense targets; the tests hold
+this loss against that dense one, ``tests/references.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def fusion_loss(
     fused_ids: torch.Tensor | None,
     fused_probs: torch.Tensor | None,
     fusion_mask: torch.Tensor | None,
-    lam: float,
+    lambda_: float,
     kind: str = "ce",
     temperature: float = 1.0,
 ) -> LossParts:
@@ -51,10 +52,10 @@ def fusion_loss(
 
     fused_ids, fused_probs: (B, T, k), the target distribution at position t (predicting
     token t + 1); fusion_mask: (B, T) True where position t is in the fusion term.
-    With ``lam == 1`` the fused tensors are not used and may be None.
+    With ``lambda_ == 1`` the fused tensors are not used and may be None.
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
     logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     targets = labels[:, 1:]
     gold_mask = targets != IGNORE_INDEX
@@ -63,7 +64,7 @@ def fusion_loss(
     gold = (gold_nll * gold_mask).sum() / max(n_gold, 1)
 
     zero = logprobs.new_zeros(())
-    if lam == 1.0 or fused_ids is None:
+    if lambda_ == 1.0 or fused_ids is None:
         return LossParts(gold, gold.detach(), zero, n_gold, 0)
     ids = fused_ids[:, :-1].long()  # (B, T-1, k)
     q = teacher_with_temperature(fused_probs[:, :-1].float(), temperature)
@@ -74,23 +75,7 @@ def fusion_loss(
         per_position = per_position + torch.where(q > 0, q * q.clamp_min(1e-30).log(), torch.zeros_like(q)).sum(-1)
     n_fusion = int(mask.sum())
     fusion = (per_position * mask).sum() / max(n_fusion, 1)
-    gold_weight = torch.where(mask, lam, 1.0)
-    loss = ((gold_nll * gold_mask * gold_weight).sum() + (1.0 - lam) * (per_position * mask).sum()) / max(
+    gold_weight = torch.where(mask, lambda_, 1.0)
+    loss = ((gold_nll * gold_mask * gold_weight).sum() + (1.0 - lambda_) * (per_position * mask).sum()) / max(
         int((gold_mask | mask).sum()), 1)
     return LossParts(loss, gold.detach(), fusion.detach(), n_gold, n_fusion)
-
-
-def dense_reference(logits, labels, fused_ids, fused_probs, fusion_mask, lam: float) -> torch.Tensor:
-    """The same loss with a dense (B, T, V) target, as the research code builds it; for tests."""
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    if lam == 1.0:
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX)
-    dense = torch.zeros_like(logprobs)
-    dense.scatter_add_(-1, fused_ids[:, :-1].long(), fused_probs[:, :-1].float())
-    per_position = -(dense * logprobs).sum(-1)
-    mask = fusion_mask[:, :-1]
-    gold_mask = labels[:, 1:] != IGNORE_INDEX
-    gold_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp_min(0), reduction="none")
-    total = (gold_nll * gold_mask * torch.where(mask, lam, 1.0)).sum() + (1 - lam) * (per_position * mask).sum()
-    return total / (gold_mask | mask).sum().clamp_min(1)

@@ -39,31 +39,31 @@ class FusionTrainer(Trainer):
     """``Trainer`` with λ·CE(gold) + (1 − λ)·CE(fused): everything else (accumulation, schedules,
     mixed precision, checkpoints, DDP / FSDP / DeepSpeed) is the Trainer's own."""
 
-    def __init__(self, *args, lam: float, lam_end: float | None = None, fusion_kind: str = "ce",
+    def __init__(self, *args, lambda_: float, lambda_end: float | None = None, fusion_kind: str = "ce",
                  temperature: float = 1.0, chunked_loss: bool | str = "auto", loss_chunk_size: int | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.chunked_loss = chunked_loss
         self.loss_chunk_size = loss_chunk_size
-        self.lam_start = lam
-        self.lam_end = lam if lam_end is None else lam_end
+        self.lambda_ = lambda_
+        self.lambda_end = lambda_ if lambda_end is None else lambda_end
         self.fusion_kind = fusion_kind
         self.temperature = temperature
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def current_lambda(self) -> float:
         """λ, moving linearly from its start to its end value over the optimizer steps."""
-        if self.lam_end == self.lam_start or not self.state.max_steps:
-            return self.lam_start
+        if self.lambda_end == self.lambda_ or not self.state.max_steps:
+            return self.lambda_
         progress = min(self.state.global_step / self.state.max_steps, 1.0)
-        return self.lam_start + (self.lam_end - self.lam_start) * progress
+        return self.lambda_ + (self.lambda_end - self.lambda_) * progress
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         fused_ids = inputs.pop("fused_ids", None)
         fused_probs = inputs.pop("fused_probs", None)
         fusion_mask = inputs.pop("fusion_mask", None)
-        lam = self.current_lambda()
+        lambda_ = self.current_lambda()
         target = self._chunked_target(model)
         parts = None
         if target is None:
@@ -73,21 +73,21 @@ class FusionTrainer(Trainer):
 
             def loss_from_hidden(hidden: torch.Tensor) -> LossParts:
                 return chunked_fusion_loss(hidden, head.weight, head.bias, labels, fused_ids, fused_probs,
-                                           fusion_mask, lam, self.fusion_kind, self.temperature,
+                                           fusion_mask, lambda_, self.fusion_kind, self.temperature,
                                            self.loss_chunk_size, softcap)
 
             with head_computes_loss(head, loss_from_hidden, labels.shape) as box:
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             parts = box.get("parts")
         if parts is None:
-            parts = fusion_loss(outputs.logits, labels, fused_ids, fused_probs, fusion_mask, lam,
+            parts = fusion_loss(outputs.logits, labels, fused_ids, fused_probs, fusion_mask, lambda_,
                                 self.fusion_kind, self.temperature)
         split = "train" if model.training else "eval"
         metrics = self._metrics[split]
         metrics["loss_gold"].append(parts.gold.item())
         if parts.fusion_positions:
             metrics["loss_fusion"].append(parts.fusion.item())
-        metrics["lambda"].append(lam)
+        metrics["lambda"].append(lambda_)
         return (parts.loss, outputs) if return_outputs else parts.loss
 
     def _chunked_target(self, model) -> tuple[torch.nn.Linear, float | None] | None:

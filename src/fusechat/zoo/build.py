@@ -8,7 +8,7 @@ ChatML for the models of the ``chatml`` zoo, which real ChatML pivots such as Sm
 Besides its specialties, a demo zoo model sees a small shared mixture of every other skill
 (the same conversations for every model), so that, like real chat LLMs, each one is a
 generalist with its own strengths. A model whose folder holds a complete manifest for the
-same spec is reused.
+same spec is reused. The catalog of zoos and models is ``fusechat.zoo.catalog``.
 """
 
 from __future__ import annotations
@@ -20,101 +20,23 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from fusechat import prepare
-from fusechat.config import load_config, stable_hash
+from fusechat.config import ModelSpec, load_config
 from fusechat.data.templates import BUILTIN_TEMPLATES
+from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.progress import console, detail_prefix
 from fusechat.rundir import build_output, read_manifest
-from fusechat.train.stage import train_target
-from fusechat.zoo.models import build_model as init_model
-from fusechat.zoo.skills import SKILLS, conversations
+from fusechat.synthetic.skills import SKILLS, conversations
+from fusechat.train.targets import train_target
+from fusechat.zoo.architectures import build_model as init_model
+from fusechat.zoo.catalog import DEMO_ZOO, SHARED_SEED, ZooModel, ZooSpec, is_built, spec_hash, zoo_model, zoo_problem
 from fusechat.zoo.tokenizers import build_tokenizer
-
-
-@dataclass(frozen=True)
-class ZooModel:
-    name: str
-    arch: str  # fusechat.zoo.models.ARCHITECTURES
-    tokenizer: str  # fusechat.zoo.tokenizers.KINDS
-    vocab_size: int
-    hidden: int
-    layers: int
-    skills: dict[str, int]  # specialty skill -> training conversations
-    steps: int
-    learning_rate: float = 1e-3
-    batch_size: int = 32
-    seed: int = 0
-    shared: int = 0  # conversations of every other skill, from the shared mixture
-    max_length: int = 256  # tokens per conversation in training
-    template: str = "openchat"  # the built-in chat template it is trained through (TEMPLATE_TOKENS)
-
-    def training_mix(self) -> dict[str, int]:
-        """Skill -> conversations: the specialties, then the shared mixture's other skills."""
-        return {**self.skills, **{s: self.shared for s in SKILLS if s not in self.skills and self.shared}}
-
-
-@dataclass(frozen=True)
-class ZooSpec:
-    models: tuple[ZooModel, ...]
-    extra: dict = field(default_factory=dict)
-
-    def model(self, name: str) -> ZooModel:
-        return next(m for m in self.models if m.name == name)
-
-
-# The shared mixture's seed: its conversations differ from every specialty's (seed 0) and from
-# the demo's fusion mixture (configs/demo.yaml).
-SHARED_SEED = 500
-
-# The demo's zoo: four generalists, each a different architecture, tokenizer family and size.
-# The Llama pivot is the weakest on the specialists' skills; each specialist masters its own.
-DESCRIBER = ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000},
-                     steps=1500, shared=30)
-DEMO_ZOO = ZooSpec(models=(
-    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200, shared=30),
-    DESCRIBER,
-    ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "convert": 4000}, steps=1500,
-             shared=30),
-    # Character-level addition is learnt all at once, after about 75,000 examples: batches of 64.
-    ZooModel("calculator", "gpt2", "char", 0, 96, 3, {"add": 6000}, steps=1200, batch_size=64, shared=10),
-))
-
-# A zoo of the smallest models that still exercise every stage: the whole pipeline in about a minute.
-MICRO_ZOO = ZooSpec(models=(
-    ZooModel("pivot", "llama", "byte_bpe", 400, 16, 1, {"repeat": 16, "describe": 4}, steps=2, batch_size=4),
-    ZooModel("describer", "mixtral", "sp_bpe", 400, 16, 1, {"describe": 16}, steps=2, batch_size=4),
-    ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 16}, steps=2, batch_size=4),
-))
-
-# The demo's describer trained through ChatML, a source for runs read through a ChatML pivot's own
-# template (configs/real-smollm2-gemma3.yaml): a zoo model knows its skills only through the
-# template it was trained on.
-CHATML_ZOO = ZooSpec(models=(replace(DESCRIBER, template="chatml"),))
-
-# Zoo name -> spec. A config's `zoo:` entry names a model of the demo zoo (`describer`) or of
-# another zoo (`micro/describer`); it lives in `<zoo folder>/models/<model>`.
-ZOOS = {"demo": DEMO_ZOO, "micro": MICRO_ZOO, "chatml": CHATML_ZOO}
-ZOO_FOLDERS = {"demo": "zoo", "micro": "zoo-micro", "chatml": "zoo-chatml"}
-DEMO_ZOOS = ("demo", "micro")  # the zoos `fusechat demo` fuses: a pivot and sources, all through OpenChat
-
-
-def zoo_model(ref: str) -> tuple[str, ZooModel] | None:
-    """(zoo name, model) of a `zoo:` entry, or None when no zoo has it."""
-    zoo, _, name = ref.rpartition("/")
-    spec = ZOOS.get(zoo or "demo")
-    found = [m for m in spec.models if m.name == name] if spec else []
-    return (zoo or "demo", found[0]) if found else None
-
-
-def zoo_refs() -> list[str]:
-    return [m.name if zoo == "demo" else f"{zoo}/{m.name}" for zoo, spec in ZOOS.items() for m in spec.models]
-
 
 # Template -> (its text for the tokenizer's corpus, the end-of-sequence token). A ChatML model's
 # eos is `<|im_end|>`, so that the text's turn ends are one token and generation stops there.
@@ -133,11 +55,29 @@ def tokenizer_corpus(seed: int = 0, template: str = "openchat") -> list[str]:
     return texts
 
 
-def spec_hash(model: ZooModel) -> str:
-    fields = asdict(model)
-    if fields["template"] == "openchat":
-        del fields["template"]  # the fingerprint of a model built before templates were a choice
-    return stable_hash(fields)
+def build_entries(specs: list[ModelSpec]) -> None:
+    """Build the zoo models that the config entries ``specs`` name (each in its entry's folder), side by side;
+    under ``accelerate launch`` the main process builds and the others wait."""
+    jobs = {}
+    for spec in specs:
+        out, model = zoo_job(spec.zoo, Path(spec.path))
+        jobs[(out, model.name)] = (out, model)
+    state = process_state("auto")
+    if state.is_main_process and jobs:
+        build_models(list(jobs.values()))
+    state.wait_for_everyone()
+
+
+def zoo_job(ref: str, folder: Path) -> tuple[Path, ZooModel]:
+    """(zoo folder, model) that builds the zoo model ``ref`` into ``folder``."""
+    found = zoo_model(ref)
+    if found is None:
+        raise FusechatError(zoo_problem(ref))
+    model = found[1]
+    if folder.parent.name != "models" or folder.name != model.name:
+        raise FusechatError(f"zoo model {ref!r}: its path must end in models/{model.name} (a zoo folder), "
+                            f"not {folder}")
+    return folder.parent.parent, model
 
 
 def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[str, Path]:
@@ -145,11 +85,6 @@ def build_zoo(out: Path, spec: ZooSpec = DEMO_ZOO, force: bool = False) -> dict[
     out = Path(out)
     build_models([(out, model) for model in spec.models], force)
     return {model.name: out / "models" / model.name for model in spec.models}
-
-
-def is_built(out: Path, model: ZooModel) -> bool:
-    manifest = read_manifest(Path(out) / "models" / model.name) or {}
-    return bool(manifest.get("complete")) and manifest.get("fingerprint") == spec_hash(model)
 
 
 def build_models(jobs: list[tuple[Path, ZooModel]], force: bool = False) -> None:
@@ -163,7 +98,7 @@ def build_models(jobs: list[tuple[Path, ZooModel]], force: bool = False) -> None
     """
     todo = []
     for out, m in jobs:
-        if force or not is_built(out, m):
+        if force or not is_built(Path(out) / "models" / m.name, m):
             todo.append((Path(out), m))
         else:
             console.print(f"zoo {m.name}: {Path(out) / 'models' / m.name} is complete, reusing it")
@@ -206,7 +141,7 @@ def _build_alone(out: Path, model: ZooModel, force: bool) -> float:
 def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
     """Build one zoo model in this process (``build_models`` runs it in a worker)."""
     folder = out / "models" / model.name
-    if not force and is_built(out, model):
+    if not force and is_built(folder, model):
         console.print(f"zoo {model.name}: {folder} is complete, reusing it")
         return folder
     fingerprint = spec_hash(model)

@@ -19,16 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fusechat.errors import DataError, FusechatError
-from fusechat.evaluate.metrics import (
-    ChatEncoder,
-    batches,
-    context_length,
-    decode_answer,
-    fit_to_context,
-    pad_batch,
-    pad_id,
-    stop_ids,
-)
 from fusechat.evaluate.mtbench.data import (
     FASTCHAT_TEMPERATURE,
     GREEDY_BELOW,
@@ -36,6 +26,7 @@ from fusechat.evaluate.mtbench.data import (
     Question,
 )
 from fusechat.evaluate.mtbench.jsonl import append_records, read_records, require_fields
+from fusechat.generation import ChatEncoder, batches, generate_replies
 
 ANSWER_FIELDS = ("question_id", "answer_id", "model_id", "choices", "tstamp")
 SAMPLING_SEED = 0
@@ -50,7 +41,8 @@ def temperature_of(question: Question, mode: str) -> float:
     if mode == "greedy":
         return 0.0
     if mode == "fastchat":
-        return FASTCHAT_TEMPERATURE.get(question.category, 0.7)
+        temperature = FASTCHAT_TEMPERATURE.get(question.category, 0.7)
+        return temperature if temperature >= GREEDY_BELOW else 0.0  # FastChat decodes greedily below it
     raise FusechatError(f"eval.mt_bench.temperature must be greedy or fastchat, got {mode!r}")
 
 
@@ -92,9 +84,10 @@ def answer_questions(model, tokenizer, questions: list[Question], path: Path, mo
         lengths = [len(encoder.prompt_ids(_first_turn(q))) for q in group]
         for idx in batches(lengths, batch_size):
             batch = [group[i] for i in idx]
-            first = generate_replies(model, tokenizer, encoder, [_first_turn(q) for q in batch], max_new_tokens, temp)
-            second = generate_replies(model, tokenizer, encoder,
-                                      [_second_turn(q, a) for q, a in zip(batch, first)], max_new_tokens, temp)
+            first = generate_replies(model, tokenizer, encoder, [_first_turn(q) for q in batch], max_new_tokens, temp,
+                                     SAMPLING_SEED)
+            second = generate_replies(model, tokenizer, encoder, [_second_turn(q, a) for q, a in zip(batch, first)],
+                                      max_new_tokens, temp, SAMPLING_SEED)
             records = [answer_record(q, model_id, [a1, a2]) for q, a1, a2 in zip(batch, first, second)]
             append_records(path, records)
             for q, record in zip(batch, records):
@@ -116,30 +109,3 @@ def _first_turn(q: Question) -> list[dict]:
 def _second_turn(q: Question, first_answer: str) -> list[dict]:
     return [{"role": "user", "content": q.turns[0]}, {"role": "assistant", "content": first_answer},
             {"role": "user", "content": q.turns[1]}]
-
-
-def generate_replies(model, tokenizer, encoder: ChatEncoder, conversations: list[list[dict]], max_new_tokens: int,
-                     temperature: float = 0.0) -> list[str]:
-    """One reply per conversation, generated together (left-padded): greedy, or sampled at ``temperature``.
-
-    A reply runs up to the first stop token; special tokens are dropped and the
-    text is stripped.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    stops = stop_ids(model, tokenizer)
-    pad = pad_id(tokenizer, stops)
-    sample = temperature >= GREEDY_BELOW
-    options = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
-    prompts, max_new_tokens = fit_to_context([encoder.prompt_ids(m) for m in conversations], max_new_tokens,
-                                             context_length(model))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stops or None,
-                              pad_token_id=pad, **options)
-    ids, mask = pad_batch(prompts, pad, "left")
-    if sample:
-        torch.manual_seed(SAMPLING_SEED)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             generation_config=config)
-    return [decode_answer(tokenizer, row, stops) for row in out[:, ids.shape[1]:].tolist()]

@@ -19,10 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fusechat.errors import DataError, FusechatError
-from fusechat.evaluate.metrics import ChatEncoder
-from fusechat.evaluate.mtbench.answers import answer_turns, generate_replies
+from fusechat.evaluate.mtbench.answers import answer_turns
 from fusechat.evaluate.mtbench.data import TURNS, Benchmark
-from fusechat.evaluate.mtbench.endpoint import RequestFailed
 from fusechat.evaluate.mtbench.jsonl import append_records, read_records, require_fields
 from fusechat.evaluate.mtbench.prompts import (
     NO_RATING,
@@ -30,6 +28,7 @@ from fusechat.evaluate.mtbench.prompts import (
     judge_request,
     parse_rating,
 )
+from fusechat.judges.endpoint import RequestFailed
 
 JUDGMENT_FIELDS = ("question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp")
 MAX_FAILURES_IN_A_ROW = 3
@@ -108,27 +107,3 @@ def judge_requests(judge, requests: list[JudgeRequest], path: Path, name: str,
             where = getattr(judge, "where", "the judge")
             raise FusechatError(f"{where} failed {failures} judgments in a row (last: {records[-1]['error']}); "
                                 f"the judgments so far are kept in {path}; rerun to go on")
-
-
-class LocalJudge:
-    """A Hugging Face chat model as judge: greedy replies through its own chat template, in batches."""
-
-    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.encoder = ChatEncoder(tokenizer)
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-
-    def complete(self, conversations: list[list[dict]]) -> list[str]:
-        return generate_replies(self.model, self.tokenizer, self.encoder,
-                                [self._supported(m) for m in conversations], self.max_new_tokens)
-
-    def _supported(self, messages: list[dict]) -> list[dict]:
-        """The conversation, with the system prompt put in front of the user's when the template has no system role."""
-        try:
-            self.encoder.render(messages, add_generation_prompt=True)
-            return messages
-        except FusechatError:
-            system, user = messages
-            return [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}]

@@ -3,7 +3,7 @@
 Both turns are scored. For the second turn the conversation holds the first
 question, the reference's first answer as the assistant's turn, and the second
 question, so every model is scored on the same text whatever it would have
-answered itself. Bits are counted as in :func:`fusechat.evaluate.metrics.answer_bits`
+answered itself. Bits are counted as in :func:`fusechat.generation.answer_bits`
 (the answer and its end-of-turn token, per UTF-8 byte of the answer), which keeps
 models with different tokenizers comparable.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fusechat.evaluate.items import EvalItem
-from fusechat.evaluate.metrics import answer_bits
 from fusechat.evaluate.mtbench.data import Benchmark, Question
+from fusechat.generation import answer_bits
 
 
 def reference_items(bench: Benchmark) -> list[tuple[Question, int, EvalItem]]:

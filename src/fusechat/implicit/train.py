@@ -1,4 +1,4 @@
-"""The implicit route's targets: ``implicit-sft`` then ``implicit-dpo``.
+"""The implicit route's targets, trained by the train stage: ``implicit-sft`` then ``implicit-dpo``.
 
 ``implicit-sft`` is the pivot fine-tuned (λ = 1) on the SFT set of the score
 stage, through the same path as the explicit route's ``sft`` baseline: the
@@ -18,28 +18,24 @@ from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
-from fusechat.config import RunConfig, stable_hash
+from fusechat.config import IMPLICIT_DPO, IMPLICIT_SFT, SFT, RunConfig, stable_hash
 from fusechat.data.conversations import Conversation, Message
 from fusechat.data.templates import BUILTIN_TEMPLATES, get_template
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.implicit.score import pairs_folder, read_jsonl
-from fusechat.models import load_causal_lm, load_tokenizer, row_spec
+from fusechat.implicit.wrpo import WRPOTrainer
+from fusechat.model_loading import load_causal_lm, load_tokenizer, row_spec
 from fusechat.prepare import Preparer
 from fusechat.progress import console
 from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, require_complete
-from fusechat.train.preference import WRPOTrainer
-from fusechat.train.stage import (
-    IMPLICIT_DPO,
-    IMPLICIT_SFT,
-    SFT,
-    baseline_config,
-    claim_work_folder,
-    resume_point,
-    run_arguments,
-    split_indices,
-    train_target,
-)
+from fusechat.train.checkpoints import claim_work_folder, resume_point
+from fusechat.train.targets import baseline_config, run_arguments, split_indices, train_target
+
+
+def implicit_targets(cfg: RunConfig) -> list[str]:
+    """The implicit route's targets, in training order; none on the explicit route alone."""
+    return [IMPLICIT_SFT, IMPLICIT_DPO] if cfg.implicit_route else []
 
 
 def train_implicit(cfg: RunConfig, name: str, force: bool = False) -> Path:
@@ -70,9 +66,11 @@ def train_implicit_sft(cfg: RunConfig, force: bool = False) -> Path:
     if not rows:
         raise FusechatError(f"{folder / 'sft.jsonl'} holds no usable conversation ({len(records)} records); "
                             "see report.md there and the implicit.pairs rules")
+    what = ("implicit fusion, first step: fine-tuning of the pivot (λ = 1) on the best sampled answers of "
+            f"{', '.join(s.path for s in cfg.sources)}")
     return train_target(baseline_config(cfg, SFT), IMPLICIT_SFT, force, prepared=rows,
                         data={"sft_set": manifest["fingerprint"], "template": cfg.prepare.template,
-                              "max_length": cfg.prepare.max_length})
+                              "max_length": cfg.prepare.max_length}, what=what)
 
 
 def dpo_fingerprint(cfg: RunConfig, sft_manifest: dict, pairs_manifest: dict) -> str:

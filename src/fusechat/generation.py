@@ -1,28 +1,32 @@
-"""Scoring one model: greedy exact match, and bits per byte of reference answers.
+"""A chat model asked through its own template: prompts and answers as token ids, batched generation,
+and the bits a model spends on a given answer.
 
-Every prompt is the question rendered with the model's own chat template and
-its generation prompt, so each model is asked the way it was trained to be
-asked. Bits are counted per UTF-8 byte of the reference answer, which makes
-models with different tokenizers comparable: a tokenizer that cuts the answer
-into more tokens does not pay more for it.
+Every prompt is the conversation rendered with the model's own chat template and its
+generation prompt, so each model is asked the way it was trained to be asked. Bits are
+counted per UTF-8 byte of the answer, which makes models with different tokenizers
+comparable: a tokenizer that cuts the answer into more tokens does not pay more for it.
+Every stage that makes a model answer (the pivot's answers, sampling, MT-Bench, the
+judges) or scores answers (evaluation, merge analysis) goes through here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from fusechat.data.templates import FALLBACK_TEMPLATE, fallback_template
 from fusechat.errors import FusechatError
-from fusechat.evaluate.items import EvalItem
 from fusechat.progress import console
 
 _warned: set[tuple[str, str]] = set()
 
 
-def exact_match(prediction: str, answer: str) -> bool:
-    """Equal once surrounding whitespace is stripped."""
-    return prediction.strip() == answer.strip()
+class Answered(Protocol):
+    """A conversation ending on a user turn (``messages``) and an answer to it (``answer``)."""
+
+    messages: list[dict]
+    answer: str
 
 
 def _warn_once(tokenizer, what: str, message: str) -> None:
@@ -168,9 +172,10 @@ def fit_to_context(prompts: list[list[int]], max_new_tokens: int, context: int |
     return [p[-room:] for p in prompts], max_new_tokens
 
 
-def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int, batch_size: int,
+def generate_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int,
                      on_batch: Callable[[int], None] | None = None, temperature: float = 0.0) -> list[str]:
-    """Answers, one string per item: new tokens up to the first stop token, special tokens skipped, stripped.
+    """One answer per conversation (each ending on a user turn): new tokens up to the first stop token, special
+    tokens skipped, stripped.
 
     Greedy unless ``temperature`` is above 0 (then sampled from the full distribution at that
     temperature; the caller seeds torch). Batches are left-padded so every prompt ends at the
@@ -180,7 +185,7 @@ def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: in
     from transformers import GenerationConfig
 
     encoder = ChatEncoder(tokenizer)
-    prompts, max_new_tokens = fit_to_context([encoder.prompt_ids(it.messages) for it in items], max_new_tokens,
+    prompts, max_new_tokens = fit_to_context([encoder.prompt_ids(m) for m in conversations], max_new_tokens,
                                              context_length(model))
     stops = stop_ids(model, tokenizer)
     pad = pad_id(tokenizer, stops)
@@ -188,7 +193,7 @@ def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: in
         "do_sample": False}
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stops or None,
                               pad_token_id=pad, **sampling)
-    answers = [""] * len(items)
+    answers = [""] * len(conversations)
     for idx in batches([len(p) for p in prompts], batch_size):
         ids, mask = pad_batch([prompts[i] for i in idx], pad, "left")
         with torch.inference_mode():
@@ -201,12 +206,36 @@ def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: in
     return answers
 
 
+def generate_replies(model, tokenizer, encoder: ChatEncoder, conversations: list[list[dict]], max_new_tokens: int,
+                     temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """One reply per conversation, all generated in one left-padded batch: greedy at temperature 0, else sampled
+    at ``temperature`` (torch seeded with ``seed`` first). A reply runs up to the first stop token; special
+    tokens are dropped and the text is stripped."""
+    import torch
+    from transformers import GenerationConfig
+
+    stops = stop_ids(model, tokenizer)
+    pad = pad_id(tokenizer, stops)
+    options = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    prompts, max_new_tokens = fit_to_context([encoder.prompt_ids(m) for m in conversations], max_new_tokens,
+                                             context_length(model))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stops or None,
+                              pad_token_id=pad, **options)
+    ids, mask = pad_batch(prompts, pad, "left")
+    if temperature > 0:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             generation_config=config)
+    return [decode_answer(tokenizer, row, stops) for row in out[:, ids.shape[1]:].tolist()]
+
+
 def decode_answer(tokenizer, new_ids: list[int], stops: list[int]) -> str:
     cut = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
     return tokenizer.decode(new_ids[:cut], skip_special_tokens=True).strip()
 
 
-def answer_bits(model, tokenizer, items: list[EvalItem], batch_size: int,
+def answer_bits(model, tokenizer, items: Sequence[Answered], batch_size: int,
                 on_batch: Callable[[int], None] | None = None) -> list[tuple[float | None, int]]:
     """Per item: (bits, bytes) = (−log2 p(answer + end of turn | prompt), UTF-8 bytes of the answer).
 
