@@ -25,15 +25,18 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tmp_path_factory):
-    """One saved tokenizer folder per family: byte_bpe, sp_bpe, char (all with a ChatML chat template)."""
+    """One model folder per tokenizer family: byte_bpe, sp_bpe, char (all with a ChatML chat template), each with
+    the smallest Llama on top, for the stages that read only the tokenizer (a model is what a config names)."""
     from fusechat.data.templates import CHATML_JINJA
+    from fusechat.zoo.architectures import build_model
     from fusechat.zoo.tokenizers import KINDS, build_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     dirs = {}
     for kind in KINDS:
         dirs[kind] = root / kind
-        build_tokenizer(kind, CORPUS * 3, vocab_size=350, chat_template=CHATML_JINJA, out_dir=dirs[kind])
+        tok = build_tokenizer(kind, CORPUS * 3, vocab_size=350, chat_template=CHATML_JINJA, out_dir=dirs[kind])
+        build_model("llama", tok, out_dir=dirs[kind], hidden=8, layers=1, heads=2)
     return dirs
 
 

@@ -36,7 +36,7 @@ def hold_lock(run_dir):
 # ------------------------------------------------------------------ one run per directory
 
 
-def test_a_second_run_of_one_directory_stops_with_the_holders_pid(tmp_path, capsys):
+def test_a_second_run_of_one_directory_stops_with_the_holders_pid(tmp_path, capsys, tokenizer_dirs):
     from fusechat.cli import main
 
     run_dir = tmp_path / "run"
@@ -46,8 +46,9 @@ def test_a_second_run_of_one_directory_stops_with_the_holders_pid(tmp_path, caps
             with run_lock(run_dir):
                 pass
         config = tmp_path / "run.yaml"
-        config.write_text(f"run_dir: {run_dir}\npivot: {{name: p, path: {tmp_path}}}\n"
-                          f"sources: [{{name: s, path: {tmp_path}}}]\ndata: {{paths: [{config}]}}\n")
+        model = tokenizer_dirs["byte_bpe"]
+        config.write_text(f"run_dir: {run_dir}\npivot: {{name: p, path: {model}}}\n"
+                          f"sources: [{{name: s, path: {model}}}]\ndata: {{paths: [{config}]}}\n")
         with pytest.raises(SystemExit) as done:
             main(["prepare", str(config)])
         assert done.value.code == 1

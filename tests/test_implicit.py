@@ -199,6 +199,12 @@ run_stage(sys.argv[4], cfg)
 """
 
 
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    files = sorted(folder.glob("shard-*.parquet"))
+    assert files
+    return {f.name: f.read_bytes() for f in files}
+
+
 def kill_after_first_shard(config: Path, stage: str, module: str, writer: str, work: Path) -> None:
     """Run ``stage`` in a subprocess and SIGKILL it once its first shard is in ``work``."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
@@ -230,6 +236,8 @@ def test_sample_resumes_after_kill_9_with_the_same_answers(tmp_path, tiny_models
     killed_rows = read_samples(killed_dir / "run" / "samples" / "src")
     assert len(killed_rows) == 12
     assert killed_rows == read_samples(clean_dir / "run" / "samples" / "src")
+    # byte for byte: a shard holds its rows and counts, no times
+    assert shard_bytes(killed_dir / "run" / "samples" / "src") == shard_bytes(clean_dir / "run" / "samples" / "src")
     assert any(r["response"] for r in killed_rows)
 
 
@@ -251,6 +259,8 @@ def test_score_resumes_after_kill_9_with_the_same_scores_and_pairs(tmp_path, tin
         assert (killed_dir / "run" / "pairs" / name).read_bytes() == (clean_dir / "run" / "pairs" / name).read_bytes()
     from fusechat.implicit.score import read_scores
     assert read_scores(killed_dir / "run" / "scores") == read_scores(clean_dir / "run" / "scores")
+    assert shard_bytes(killed_dir / "run" / "scores") == shard_bytes(clean_dir / "run" / "scores")
+    assert json.loads((killed_dir / "run" / "scores" / "manifest.json").read_text())["elapsed_s"] > 0
 
 
 # ---------------------------------------------------------------- bad input

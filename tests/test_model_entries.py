@@ -299,12 +299,13 @@ def test_a_zoo_model_entry_defaults_to_the_demo_zoo_and_unknown_names_are_refuse
         ModelSpec(name="x", zoo="describer", gguf={"file": "m.gguf"})
 
 
-def test_synthetic_data_is_written_before_the_stages_and_only_once(tmp_path):
+def test_synthetic_data_is_written_before_the_stages_and_only_once(tmp_path, tokenizer_dirs):
     from fusechat.synthetic.mixture import ensure_synthetic
 
     folder = tmp_path / "data"
-    cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "path": str(tmp_path)},
-           "sources": [{"name": "s", "path": str(tmp_path)}], "data": {"paths": [str(folder / "train.jsonl")]},
+    model = str(tokenizer_dirs["byte_bpe"])
+    cfg = {"run_dir": str(tmp_path / "run"), "pivot": {"name": "p", "path": model},
+           "sources": [{"name": "s", "path": model}], "data": {"paths": [str(folder / "train.jsonl")]},
            "synthetic": {"folder": str(folder), "train": {"describe": 5, "chitchat": 3}, "eval_per_skill": 4},
            "eval": {"data": [str(folder / "eval.jsonl")]}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))

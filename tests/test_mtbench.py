@@ -732,3 +732,22 @@ def test_a_model_with_a_short_learned_position_table_still_answers(tiny, bench_d
     answers = [json.loads(line) for line in (out / "model_answer" / "gpt2-short.jsonl").read_text().splitlines()]
     assert sorted(a["question_id"] for a in answers) == sorted(q["question_id"] for q in QUESTIONS)
     assert all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+
+
+def test_endpoint_credentials_stay_out_of_every_message_and_the_path_goes_before_the_query(api, tmp_path):
+    server = api(lambda n, body: (404, '{"error": "no such model"}'))
+    host = server.url.split("//")[1].split("/")[0]
+    url = f"http://user:sk-secret-1@{host}/v1?api_key=sk-secret-2"
+    judge = endpoint(url)
+    with pytest.raises(FusechatError) as failed:
+        judge.ask([{"role": "user", "content": "hi"}])
+    message = str(failed.value)
+    assert f"the judge endpoint http://{host}/v1/chat/completions?api_key=*** answered HTTP 404" in message
+    assert "sk-secret" not in message and "user" not in message
+    assert server.requests[0]["path"] == "/v1/chat/completions?api_key=sk-secret-2"
+    assert server.requests[0]["auth"] == "Basic dXNlcjpzay1zZWNyZXQtMQ=="  # user:sk-secret-1
+    with pytest.raises(FusechatError) as wrong:
+        endpoint("ftp://user:sk-secret-1@host/v1?api_key=sk-secret-2")
+    assert "sk-secret" not in str(wrong.value)
+    cfg = EvalConfig(mt_bench={"judge": "gpt-4", "judge_endpoint": url, "answers": True})
+    assert cfg.mt_bench.judge_endpoint == url  # the run keeps it; printed and saved configs do not

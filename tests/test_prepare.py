@@ -12,6 +12,7 @@ from fusechat.config import load_config
 from fusechat.data.masks import IGNORE_INDEX, assistant_token_mask
 from fusechat.data.templates import CHATML_JINJA
 from fusechat.errors import FusechatError
+from fusechat.zoo.architectures import build_model
 from fusechat.zoo.tokenizers import build_tokenizer
 
 USER = "GPT4 Correct User: "  # 19 characters
@@ -140,10 +141,11 @@ def test_saved_hf_dataset_and_json_array_inputs(tmp_path, make_config):
 
 def test_tokenizer_chat_template_and_builtin_chatml_agree(tmp_path, make_config):
     tok_dir = tmp_path / "chatml_tok"
-    build_tokenizer(
+    tok = build_tokenizer(
         "char", ["hi yo ok no user assistant system be brief"], extra_special=("<|im_start|>", "<|im_end|>"),
         chat_template=CHATML_JINJA, out_dir=tok_dir,
     )
+    build_model("llama", tok, out_dir=tok_dir, hidden=8, layers=1, heads=2)
     data = write_jsonl(tmp_path / "c.jsonl", [sharegpt("hi", "yo", "ok", "no", id="c")])
     rows = {}
     for template in ("tokenizer", "chatml"):
@@ -166,7 +168,8 @@ def test_tokenizer_chat_template_and_builtin_chatml_agree(tmp_path, make_config)
 
 def test_tokenizer_template_without_chat_template_is_an_error(tmp_path, make_config):
     tok_dir = tmp_path / "plain"
-    build_tokenizer("char", ["hi yo"], out_dir=tok_dir)
+    build_model("llama", build_tokenizer("char", ["hi yo"], out_dir=tok_dir), out_dir=tok_dir, hidden=8, layers=1,
+                heads=2)
     data = write_jsonl(tmp_path / "c.jsonl", [sharegpt("hi", "yo")])
     cfg = load_config(make_config([data]), overrides=[f"pivot.path={tok_dir}", "prepare.template=tokenizer"])
     with pytest.raises(FusechatError, match="has no chat template"):

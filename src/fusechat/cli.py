@@ -16,7 +16,7 @@ import typer
 
 from fusechat import __version__
 from fusechat.config import eval_settings
-from fusechat.errors import FusechatError
+from fusechat.errors import DiskError, FusechatError, disk_errno
 from fusechat.progress import console
 from fusechat.stages import STAGES, StageOption, stage
 
@@ -256,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.print("interrupted; complete work is kept, rerun the same command to go on")
         sys.exit(130)
+    except OSError as e:
+        if disk_errno(e) is None:
+            raise
+        where = Path(e.filename).parent if e.filename else Path.cwd()
+        console.print(f"[red]error:[/red] {escape(str(DiskError(where, e)))}", soft_wrap=True)
+        sys.exit(EXIT_ERROR)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,14 @@ class GGUFSource(Section):
         if not self.file and not self.assemble:
             raise ValueError("gguf needs `file` (a path, or a file inside `wheels` or `package`) or "
                              "`package` + `assemble`")
+        if self.wheels and (self.file in (".", "..") or re.search(r"[/\\]", self.file)):
+            raise ValueError(f"gguf.file {self.file!r} must be the name of a file inside gguf.wheels (no '/', '.' "
+                             "or '..'), e.g. model.gguf")
+        parts = re.split(r"[/\\]", self.file or "")
+        outside = (self.file or "").startswith(("/", "\\")) or ".." in parts or parts[-1] in ("", ".")
+        if self.package and self.file and outside:
+            raise ValueError(f"gguf.file {self.file!r} must name a file inside gguf.package (a relative path without "
+                             "'..'), e.g. model.gguf or data/model.gguf")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
             raise ValueError("gguf.sha256 must be 64 hexadecimal digits")
         return self
@@ -274,6 +283,13 @@ class TrainConfig(Section):
     temperature: float = Field(1.0, gt=0.0, description="Teacher temperature applied to the fused distribution.")
     epochs: float = Field(3.0, gt=0.0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_no_limit(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"must be a positive number of steps, or -1 for no limit (run the epochs); got {v}")
+        return v
     learning_rate: float = Field(5e-6, gt=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -466,6 +482,13 @@ class DpoConfig(Section):
     )
     epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_no_limit(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"must be a positive number of steps, or -1 for no limit (run the epochs); got {v}")
+        return v
     learning_rate: float = Field(5e-7, gt=0.0)
     global_batch_size: int = Field(32, gt=0, description="Pairs per optimizer step over all processes.")
     per_device_batch_size: int = Field(1, gt=0, description="Pairs per forward pass per process.")
@@ -563,7 +586,23 @@ class RunConfig(Section):
         return stable_hash(payload)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+        """The config as YAML, every default filled in; endpoint URLs redacted (``redacted_url``): the YAML is
+        printed and saved beside the run, and credentials belong in the environment."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for section in (data["eval"]["mt_bench"], data["implicit"]["score"]):
+            if section.get("judge_endpoint"):
+                section["judge_endpoint"] = redacted_url(section["judge_endpoint"])
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` as messages and saved configs show it: no user or password, each query value replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{urllib.parse.quote(k)}=***"
+                     for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + host, parts.path,
+                                    query, ""))
 
 
 def stable_hash(payload: Any) -> str:

@@ -1,5 +1,7 @@
 """Errors that fusechat reports to the user as a message, never as a traceback."""
 
+import errno
+import re
 
 MAX_LISTED = 20  # problems an error message lists before "... and N more"
 
@@ -27,3 +29,42 @@ class ConfigError(FusechatError):
 class DataError(FusechatError):
     """A record of the input data is malformed; the message names file, record and field."""
 
+
+
+# What a write that the disk or the file system refuses means, and what the user can do.
+_DISK_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted (an immutable folder, or a permission)",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large (a file-size limit, `ulimit -f`, or the file system's largest file)",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]")  # Arrow's IO errors carry the errno in their text only
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a write the disk or file system refused (permission, read-only, file size, space), or None."""
+    if not isinstance(e, OSError):
+        return None
+    code = e.errno
+    if code is None:
+        found = _ERRNO_IN_TEXT.search(str(e))
+        code = int(found.group(1)) if found else None
+    return code if code in _DISK_ERRNOS else None
+
+
+class DiskError(FusechatError):
+    """A folder fusechat must write in cannot be written: the message names it and says what to do."""
+
+    def __init__(self, folder, e: OSError):
+        code = disk_errno(e)
+        self.folder, self.errno = folder, code
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            advice = ("free space (or raise the limit), or give the run another folder (`run_dir`, or "
+                      "`--set run_dir=DIR`); complete work is kept, rerun the same command to go on")
+        else:
+            advice = ("make it writable, or give the run a writable folder (`run_dir`, or `--set run_dir=DIR`); "
+                      "complete work is kept, rerun the same command to go on")
+        super().__init__(f"cannot write in {folder}: {_DISK_ERRNOS.get(code, e)}. Nothing half-written was left: "
+                         f"{advice}")

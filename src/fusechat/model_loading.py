@@ -17,20 +17,61 @@ def model_path_problem(path: str, hub: bool = False) -> str | None:
     """Why a model `path` cannot be loaded, or None.
 
     A path is a local folder unless the user says it is a hub id (``hub`` or a ``hub:`` prefix):
-    a missing folder is never taken for a hub id, so no download happens by accident.
+    a missing folder is never taken for a hub id, so no download happens by accident. A local
+    folder must hold a model: its config.json and safetensors weights (``weights_problem``).
     """
     if path.startswith(HUB_PREFIX):
         path, hub = path[len(HUB_PREFIX):], True
     if hub:
         return None if HUB_ID_RE.match(path) else f"{path!r} is not a hub id (org/name)"
     if Path(path).is_dir():
-        return None
+        if not (Path(path) / "config.json").is_file():
+            return f"{path} has no config.json; it is not a Hugging Face model folder"
+        return weights_problem(Path(path))
     if Path(path).exists():
         return f"{path} is a file; a model is a folder"
     hint = ""
     if "/" in path and HUB_ID_RE.match(path):
         hint = f" (if {path!r} is a Hugging Face hub id, set `hub: true` or write hub:{path})"
     return f"folder not found: {path}{hint}"
+
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why the weights of a local model folder cannot be loaded safely, or None.
+
+    fusechat loads safetensors only, and transformers opens exactly these: ``model.safetensors``,
+    or every file a ``model.safetensors.index.json`` lists. An index may list any file name, a
+    pickled checkpoint included (which transformers would then unpickle), so each listed shard must
+    be a ``.safetensors`` file beside the index.
+    """
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            content = json.loads(index.read_text(encoding="utf-8"))
+            shards = sorted(set(content["weight_map"].values()))
+            assert isinstance(content["metadata"], dict)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, AssertionError):
+            return (f"{index} is not a safetensors index (a JSON object with `metadata` and a `weight_map` of "
+                    "tensor → file)")
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+                return (f"{index} lists {shard!r} as a weights file; fusechat loads only .safetensors files beside "
+                        "the index (a pickled checkpoint is never loaded)")
+            if not (folder / shard).is_file():
+                return f"{index} lists {shard}, which is not in {folder}"
+        return None
+    if (folder / SAFETENSORS).is_file():
+        return None
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        return (f"{folder} holds only pickled weights ({', '.join(pickled)}); fusechat loads safetensors only. "
+                "Convert once with transformers: from_pretrained(...).save_pretrained(..., safe_serialization=True) "
+                "in an environment you trust.")
+    return f"{folder} holds no weights ({SAFETENSORS} or {SAFETENSORS_INDEX})"
 
 
 def reward_model_problem(folder: str) -> str | None:
@@ -86,24 +127,16 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_weights(spec: ModelSpec) -> None:
-    """A local model folder must hold safetensors weights: fusechat never unpickles a checkpoint."""
-    from pathlib import Path
-
+    """A local model folder must hold a config and safetensors weights (``weights_problem``): fusechat never
+    unpickles a checkpoint."""
     folder = Path(spec.path)
     if not folder.is_dir():
         return  # a hub id: transformers fetches safetensors (use_safetensors=True)
     if not (folder / "config.json").is_file():
         raise FusechatError(f"model {spec.name!r}: {folder} has no config.json; it is not a Hugging Face model folder")
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickled:
-        raise FusechatError(
-            f"model {spec.name!r}: {folder} holds only pickled weights ({', '.join(pickled)}); fusechat loads "
-            "safetensors only. Convert once with transformers: from_pretrained(...).save_pretrained(..., "
-            "safe_serialization=True) in an environment you trust."
-        )
-    raise FusechatError(f"model {spec.name!r}: {folder} holds no weights (no *.safetensors file)")
+    problem = weights_problem(folder)
+    if problem:
+        raise FusechatError(f"model {spec.name!r}: {problem}")
 
 
 def load_causal_lm(spec: ModelSpec, dtype: str = "fp32", device_map=None):

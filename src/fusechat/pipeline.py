@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RESERVED_NAMES, ModelSpec, RunConfig, load_config
-from fusechat.errors import ConfigError
+from fusechat.errors import ConfigError, DiskError, disk_errno
 from fusechat.gguf_models import converted_folder, ensure_converted, is_converted, source_problem
 from fusechat.merge.registry import METHODS, check_merge_settings
 from fusechat.model_loading import model_path_problem, reward_model_problem
@@ -164,14 +164,20 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, **options) -> Non
 
 
 def run_stages(stages: list[str], cfg: RunConfig, force: bool = False, **options) -> None:
-    """Make the run ready, then the given stages in order, all under one hold of the run directory's lock."""
-    with run_lock(cfg.run_dir):
-        heading = stage_line if len(stages) > 1 else (lambda _: nullcontext())
-        with heading("models"):
-            make_ready(cfg)
-        for stage in stages:
-            with heading(stage):
-                run_stage(stage, cfg, force=force, **options)
+    """Make the run ready, then the given stages in order, all under one hold of the run directory's lock.
+    A write the disk refuses stops the run with a message naming where (stages write whole files or none)."""
+    try:
+        with run_lock(cfg.run_dir):
+            heading = stage_line if len(stages) > 1 else (lambda _: nullcontext())
+            with heading("models"):
+                make_ready(cfg)
+            for stage in stages:
+                with heading(stage):
+                    run_stage(stage, cfg, force=force, **options)
+    except OSError as e:
+        if disk_errno(e) is None:
+            raise
+        raise DiskError(Path(e.filename).parent if e.filename else Path(cfg.run_dir), e) from None
 
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:

@@ -22,7 +22,7 @@ from fusechat.data.blocks import split_exchanges
 from fusechat.data.conversations import BadRecord, Conversation, parse_record
 from fusechat.data.masks import assistant_token_mask, labels_from_mask
 from fusechat.data.readers import iter_records
-from fusechat.data.templates import Rendered, get_template
+from fusechat.data.templates import Rendered, TemplateError, get_template
 from fusechat.errors import MAX_LISTED, DataError, FusechatError, listed
 from fusechat.model_loading import load_tokenizer, tokenizer_hash
 from fusechat.pivot_answers import training_paths
@@ -106,8 +106,14 @@ class Preparer:
     def render(self, messages) -> Rendered:
         return self.template.render(messages, self.tokenizer.eos_token)
 
+    def _render_conversation(self, conv: Conversation) -> Rendered:
+        try:
+            return self.render(conv.messages)
+        except TemplateError as e:
+            raise DataError(f"{conv.origin}: {e}") from None
+
     def rows(self, conversations: list[Conversation]) -> Iterator[dict]:
-        rendered = [self.render(conv.messages) for conv in conversations]
+        rendered = [self._render_conversation(conv) for conv in conversations]
         short = [i for i, r in enumerate(rendered) if len(r.text) <= self.char_limit]
         encoded = dict(zip(short, zip(*self._encode([rendered[i].text for i in short])))) if short else {}
         for i, (conv, r) in enumerate(zip(conversations, rendered)):

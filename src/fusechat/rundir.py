@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat import __version__
-from fusechat.errors import FusechatError
+from fusechat.errors import DiskError, FusechatError, disk_errno
 from fusechat.progress import console
 from fusechat.shards import shard_problem
 from fusechat.stages import STAGES
@@ -39,16 +39,33 @@ LOCK_FILE = "fusechat.lock"
 TEMPORARY_RE = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
 
 
+@contextlib.contextmanager
+def writing_in(folder: str | os.PathLike) -> Iterator[None]:
+    """A write the disk or file system refuses (permission, read-only, file size, space) becomes a
+    ``DiskError`` naming ``folder`` and what to do, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if disk_errno(e) is None:
+            raise
+        raise DiskError(folder, e) from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing_in(path.parent):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -78,27 +95,30 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder that replaces ``final`` when the block succeeds."""
+    """Yield a fresh temporary folder that replaces ``final`` when the block succeeds; on any failure the
+    temporary folder is removed (and a write the disk refuses is a ``DiskError`` naming ``final``)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    with writing_in(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     try:
-        yield tmp
+        with writing_in(final):
+            yield tmp
+            fsync_tree(tmp)  # the rename must not reach the disk before the files do
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_tree(tmp)  # the rename must not reach the disk before the files do
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
@@ -237,9 +257,10 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         finally:
             _held_locks[root][1] -= 1
         return
-    root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
-    f = open(path, "a+", encoding="utf-8")
+    with writing_in(root):
+        root.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -253,12 +274,17 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     if previous:
         console.print(f"{root}: taking over the lock of pid {previous.get('pid')} on {previous.get('host')} "
                       f"(since {previous.get('started_at')}), which is no longer running")
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    try:
+        with writing_in(root):
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        f.close()  # the kernel lock goes with it
+        raise
     _held_locks[root] = [f, 1]
     try:
         yield

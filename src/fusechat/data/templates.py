@@ -121,6 +121,10 @@ BUILTIN_TEMPLATES = {t.name: t for t in (
 )}
 
 
+class TemplateError(FusechatError):
+    """A tokenizer's own chat template failed on a conversation (the message says why and what to use instead)."""
+
+
 class TokenizerTemplate:
     """The tokenizer's own Jinja chat template, with assistant spans found by rendering prefixes.
 
@@ -150,7 +154,15 @@ class TokenizerTemplate:
 
     def _apply(self, messages: list[Message], add_generation_prompt: bool) -> str:
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2's own errors: the sandbox's SecurityError, raise_exception, undefined names
+            raise TemplateError(
+                f"the chat template of {self.tokenizer.name_or_path} cannot render this conversation "
+                f"({type(e).__name__}: {e}); set prepare.template to a built-in template "
+                f"({', '.join(BUILTIN_TEMPLATES)})"
+            ) from None
 
     def render(self, messages: list[Message], eos_token: str, add_generation_prompt: bool = False) -> Rendered:
         text = self._apply(messages, add_generation_prompt)

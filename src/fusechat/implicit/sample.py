@@ -29,7 +29,7 @@ from fusechat.generation import (
     stop_ids,
 )
 from fusechat.implicit.prompts import Prompt, load_prompts, prompts_fingerprint
-from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
+from fusechat.implicit.work import finish_work, open_work, record_seconds, todo_shards, work_folder
 from fusechat.model_loading import device_map_for, load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, is_complete
@@ -101,8 +101,9 @@ def sample_model(cfg: RunConfig, spec: ModelSpec, force: bool = False) -> Path:
                     "shard": shard, "prompts": len(_shard(prompts, shard, s)), "samples": len(rows),
                     "new_tokens": sum(r["new_tokens"] for r in rows),
                     "unfinished": sum(not r["finished"] for r in rows),
-                    "empty": sum(not r["response"] for r in rows), "elapsed_s": time.time() - started,
+                    "empty": sum(not r["response"] for r in rows),
                 })
+                record_seconds(work, shard, time.time() - started)
         del lm
     state.wait_for_everyone()
     if state.is_main_process:

@@ -23,7 +23,7 @@ from fusechat.implicit.pairs import Candidate, build_pairs, format_report
 from fusechat.implicit.prompts import load_prompts
 from fusechat.implicit.sample import read_samples, sample_models
 from fusechat.implicit.scorers import Checker, make_scorer
-from fusechat.implicit.work import finish_work, open_work, todo_shards, work_folder
+from fusechat.implicit.work import finish_work, open_work, record_seconds, todo_shards, work_folder
 from fusechat.model_loading import reward_model_problem
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import (
@@ -101,7 +101,8 @@ def score_answers(cfg: RunConfig, force: bool = False, checker: Checker | None =
                     values = score_rows(scorer, [prompts[r["seq"]] for r in rows], [r["response"] for r in rows])
                     write_scores(work / shard_name(shard), rows, values, {
                         "shard": shard, "answers": len(rows), "unscored": sum(math.isnan(v) for v in values),
-                        "empty": sum(not r["response"] for r in rows), "elapsed_s": time.time() - started})
+                        "empty": sum(not r["response"] for r in rows)})
+                    record_seconds(work, shard, time.time() - started)
                     bar.advance(task)
         finally:
             scorer.close()

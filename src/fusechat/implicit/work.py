@@ -2,7 +2,9 @@
 
 A shard file is complete exactly when it exists (``fusechat.shards`` writes then
 renames), so a killed run resumes at the first missing shard. The work folder
-remembers the fingerprint of its inputs; other inputs start it afresh.
+remembers the fingerprint of its inputs; other inputs start it afresh. A shard holds
+its rows and their counts only, so a resumed run's shards are byte for byte those of
+an uninterrupted one; the time each took is kept beside it and summed into the manifest.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from pathlib import Path
 
 from fusechat.errors import FusechatError
 from fusechat.rundir import atomic_write_text, build_output
-from fusechat.shards import shard_files, shard_meta
+from fusechat.shards import shard_files, shard_meta, shard_name
 
 FINGERPRINT_FILE = "fingerprint"
+SECONDS_SUFFIX = ".seconds"  # beside each shard: the wall time it took
 
 
 def work_folder(out: Path) -> Path:
@@ -38,6 +41,21 @@ def todo_shards(work: Path, num_shards: int, process_index: int = 0, num_process
     return [i for i in range(num_shards) if i % num_processes == process_index and i not in done]
 
 
+def record_seconds(work: Path, shard: int, seconds: float) -> None:
+    """Keep the wall time of ``shard`` beside it (the manifest's ``elapsed_s`` sums them)."""
+    atomic_write_text(work / (shard_name(shard) + SECONDS_SUFFIX), f"{seconds:.3f}\n")
+
+
+def _seconds(work: Path) -> float:
+    total = 0.0
+    for path in work.glob("*" + SECONDS_SUFFIX):
+        try:
+            total += float(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a time is a report, not data: a torn one is left out
+    return total
+
+
 def finish_work(work: Path, out: Path, stage: str, fingerprint: str, num_shards: int, label: str,
                 **fields) -> dict:
     """Move every shard of ``work`` into the complete output ``out``; its manifest (with the shards' metadata summed)."""
@@ -51,7 +69,7 @@ def finish_work(work: Path, out: Path, stage: str, fingerprint: str, num_shards:
         for key, value in meta.items():
             if key != "shard" and isinstance(value, (int, float)):
                 totals[key] = totals.get(key, 0) + value
-    elapsed = round(totals.pop("elapsed_s", 0.0), 3)
+    elapsed = round(_seconds(work), 3)
     with build_output(out, stage, fingerprint, num_shards=num_shards, elapsed_s=elapsed, **totals,
                       **fields) as building:
         for _, path in sorted(files.items()):

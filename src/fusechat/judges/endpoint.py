@@ -1,10 +1,12 @@
 """A judge behind an OpenAI-compatible chat-completions endpoint, with the standard library only.
 
-``POST <url>/chat/completions`` (or ``<url>`` itself when it already ends in
-``/chat/completions``) with ``{"model", "messages", "temperature": 0,
+``POST <url>/chat/completions`` (the suffix joined onto the URL's path, before any query;
+nothing added when the path already ends in ``/chat/completions``) with ``{"model", "messages", "temperature": 0,
 "max_tokens"}``; the judgment is ``choices[0].message.content``. The API key is
 read from an environment variable and sent as ``Authorization: Bearer <key>``;
-without the variable no key is sent (local servers need none).
+without the variable no key is sent (local servers need none). A user and password written
+in the URL are sent as HTTP basic authentication. Messages show the URL redacted: no user or
+password, and every query value replaced by ``***``.
 
 A refused connection, a timeout, HTTP 408, 429 and 5xx, and an answer that is
 not a chat completion are retried with exponential backoff; when the retries
@@ -15,13 +17,16 @@ other HTTP status fails the one request without retry.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
+from fusechat.config import redacted_url
 from fusechat.errors import FusechatError
 
 SUFFIX = "/chat/completions"
@@ -35,8 +40,21 @@ class RequestFailed(Exception):
 
 
 def completions_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url if url.endswith(SUFFIX) else url + SUFFIX
+    """The chat-completions URL of a base URL (…/v1): the suffix goes onto the path, the query stays after it."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    return urllib.parse.urlunsplit(parts._replace(path=path if path.endswith(SUFFIX) else path + SUFFIX))
+
+
+def _without_userinfo(url: str) -> tuple[str, str | None]:
+    """(the URL without user and password, the basic-authentication header value they make, or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(token).decode()
 
 
 class EndpointJudge:
@@ -45,15 +63,16 @@ class EndpointJudge:
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_new_tokens: int = 2048,
                  timeout_s: float = 120.0, retries: int = 5, backoff_s: float = 2.0):
         if not url.startswith(("http://", "https://")):
-            raise FusechatError(f"eval.mt_bench.judge_endpoint must be an http:// or https:// URL, got {url!r}")
-        self.url = completions_url(url)
+            raise FusechatError(f"eval.mt_bench.judge_endpoint must be an http:// or https:// URL, got "
+                                f"{redacted_url(url)!r}")
+        self.url, self.basic_auth = _without_userinfo(completions_url(url))
         self.model = model
         self.api_key_env = api_key_env
         self.max_new_tokens = max_new_tokens
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
-        self.where = f"the judge endpoint {self.url}"
+        self.where = f"the judge endpoint {redacted_url(self.url)}"
 
     def complete(self, conversations: list[list[dict]]) -> list[str | RequestFailed]:
         out = []
@@ -84,6 +103,8 @@ class EndpointJudge:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        elif self.basic_auth:
+            headers["Authorization"] = self.basic_auth
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusechat.config import EvalConfig, RunConfig
+from fusechat.config import EvalConfig, RunConfig, redacted_url
 from fusechat.errors import FusechatError
 from fusechat.evaluate.mtbench.answers import (
     answer_path,
@@ -156,7 +156,7 @@ def _check_judge(mt) -> None:
     if mt.judge_endpoint:
         if not mt.judge_endpoint.startswith(("http://", "https://")):
             raise FusechatError(f"eval.mt_bench.judge_endpoint must be an http:// or https:// URL, "
-                                f"got {mt.judge_endpoint!r}")
+                                f"got {redacted_url(mt.judge_endpoint)!r}")
     elif mt.judge:
         problem = model_path_problem(mt.judge)
         if problem:
