@@ -3,6 +3,7 @@ import json
 from fusechat.demo import run_demo
 
 FAST = ["synthetic.train={reverse: 3, add: 3, convert: 3, capitalise: 3, repeat: 3, describe: 3, forecast: 3}",
+        "synthetic.prompts={reverse: 2, add: 2, convert: 2, describe: 2}", "train.sft.max_steps=2",
         "synthetic.eval_per_skill=2", "train.max_steps=2", "train.global_batch_size=4",
         "train.per_device_batch_size=4", "eval.max_new_tokens=4",
         "implicit.sample.samples_per_prompt=2", "implicit.sample.max_new_tokens=8", "implicit.dpo.max_steps=2",
@@ -15,8 +16,13 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
     screen = capfd.readouterr()
     shown = screen.err + screen.out
     done = [line.split()[1] for line in shown.splitlines() if line.startswith("✓ ")]
-    assert done == ["models", "prepare", "represent", "align", "fuse", "sample", "score", "train", "merge", "eval"]
-    assert "'loss'" not in shown and "it/s" not in shown and "| target-describer |" in shown
+    assert done == ["models", "sample", "score", "prepare", "represent", "align", "fuse", "train", "merge", "eval"]
+    assert "'loss'" not in shown and "it/s" not in shown
+    # the table on stdout, whole (a row per line, never wrapped), and only there; progress on stderr
+    table = [line for line in screen.out.splitlines() if line.startswith("|")]
+    assert any(line.startswith("| target-describer |") for line in table) and "| target-describer |" not in screen.err
+    assert all(line.endswith("|") and line.count("|") == table[0].count("|") for line in table[:10])
+    assert not any(line.startswith("✓ ") for line in screen.out.splitlines())
     log = (tmp_path / "demo.log").read_text()
     assert "train_runtime" in log and "varm" in log
     rows = ["pivot", "describer", "converter", "target-describer", "target-converter", "sft", "multi",
@@ -52,10 +58,14 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
                for t in ("describer", "converter", "sft", "multi", "implicit-sft", "implicit-dpo")]
     assert pipeline["stage_seconds"]["train"] == round(sum(trained), 1)
     assert "## Pipeline" in (tmp_path / "eval" / "results.md").read_text()
-    # the implicit route: every prompt answered by both specialists, pairs built, DPO started from implicit-sft
+    # the prompt pool: every prompt answered by both specialists and the pivot, the best answers in the training
+    # data of both routes; pairs built, DPO started from implicit-sft, the targets too (train.start)
     report = json.loads((run / "pairs" / "report.json").read_text())
     assert pipeline["implicit"]["pairs"] == report["pairs"] > 0
-    assert report["answers"] == 21 * 2 * 3 and set(report["per_model"]) == {"pivot", "describer", "converter"}  # the pivot competes
+    assert report["answers"] == 8 * 1 * 3 and set(report["per_model"]) == {"pivot", "describer", "converter"}
+    prepared = json.loads((run / "prepared" / "manifest.json").read_text())
+    assert prepared["counts"]["kept"] == 21 + report["sft"]
+    assert "starting from the implicit route's implicit-sft" in (run / "targets" / "describer" / "README.md").read_text()
     dpo = json.loads((run / "targets" / "implicit-dpo" / "manifest.json").read_text())
     assert dpo["steps"] == 2 and dpo["start"] == str(run / "targets" / "implicit-sft")
     assert "Implicit fusion:" in (tmp_path / "eval" / "results.md").read_text()

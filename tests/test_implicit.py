@@ -360,7 +360,7 @@ def test_the_route_decides_the_targets_and_stages(tmp_path, tiny_models):
     assert route_stages(cfg) == ["sample", "score", "train", "eval"]
     both = cfg.model_copy(update={"route": "both"})
     assert targets(both) == ["src", "implicit-sft", "implicit-dpo"]
-    assert route_stages(both) == ["prepare", "represent", "align", "fuse", "sample", "score", "train", "merge",
+    assert route_stages(both) == ["sample", "score", "prepare", "represent", "align", "fuse", "train", "merge",
                                   "eval"]
     assert "sample" not in route_stages(cfg.model_copy(update={"route": "explicit"}))
 

@@ -322,3 +322,37 @@ def test_chunked_and_plain_loss_train_to_the_same_weights(tmp_path, zoo):
     # rounding difference in a near-zero gradient can show: allow 2 % of one step.
     for name, tensor in weights(plain_out).items():
         torch.testing.assert_close(chunked[name], tensor, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_workers_train_targets_side_by_side_as_one_thread_would(tmp_path, zoo, monkeypatch):
+    # Two targets (the source's and SFT) in two worker processes, one thread each: each the same weights as
+    # that target trained here on one thread; their logs removed once they are saved.
+    path = fused_config(tmp_path, zoo, train={"baselines": ["sft"]})
+    side = load_config(path, overrides=["train.workers=2"])
+    outs = train_run(side)
+    assert [p.name for p in outs] == ["mistral", "sft"]
+    assert not list(outs[0].parent.glob(".*.log"))
+    one = load_config(path, overrides=[f"run_dir={tmp_path / 'one'}"])
+    import shutil
+
+    for stage in ("prepared", "fuse"):
+        shutil.copytree(tmp_path / "run" / stage, tmp_path / "one" / stage)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train_run(one)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(outs, alone):
+        wa, wb = weights(a), weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((outs[1] / "manifest.json").read_text())["fingerprint"] == \
+        json.loads((alone[1] / "manifest.json").read_text())["fingerprint"]  # workers are not a setting of a target
+
+
+def test_a_failing_worker_names_its_target_and_its_log(tmp_path, zoo):
+    path = fused_config(tmp_path, zoo, train={"baselines": ["sft"]})
+    side = load_config(path, overrides=["train.workers=2", "train.per_device_batch_size=3"])  # 2 is not a multiple
+    with pytest.raises(FusechatError, match=r"train mistral: .*not a multiple of per_device_batch_size 3.*"
+                                            r"its output: .*\.mistral\.log"):
+        train_run(side)

@@ -113,3 +113,30 @@ def test_the_template_choice_keeps_the_fingerprint_of_openchat_models_and_the_de
     assert spec_hash(chatml) != spec_hash(DESCRIBER)
     with pytest.raises(FusechatError, match="unknown zoo 'chatml'; choose one of demo, micro"):
         write_config(tmp_path, zoo="chatml")
+
+
+def test_a_zoo_seed_is_another_build_in_a_folder_of_its_own(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from fusechat.config import ModelSpec, ZooBuildConfig
+    from fusechat.demo import write_config
+    from fusechat.pipeline import load_run, model_folder
+    from fusechat.zoo.catalog import DEMO_ZOO, spec_hash, zoo_model
+
+    # seed 0 is the zoo as it always was (its fingerprint unchanged); seed N another build, elsewhere
+    assert zoo_model("pivot")[1] == DEMO_ZOO.model("pivot")
+    seeded = zoo_model("pivot", seed=1)[1]
+    assert seeded == dataclasses.replace(DEMO_ZOO.model("pivot"), seed=1) and spec_hash(seeded) != spec_hash(
+        DEMO_ZOO.model("pivot"))
+    spec = ModelSpec(name="p", zoo="micro/pivot")
+    assert model_folder(spec) == tmp_path.__class__("fusechat-demo/zoo-micro/models/pivot")
+    assert model_folder(spec, ZooBuildConfig(root=str(tmp_path), seed=2)) == tmp_path / "zoo-micro-seed2" / "models" / "pivot"
+    # the demo's config puts every zoo model under --out, and `--set zoo_build.seed=N` moves them beside
+    cfg = load_run(write_config(tmp_path / "out"), ["zoo_build.seed=3"], runnable=False)
+    assert cfg.pivot.path == str(tmp_path / "out" / "zoo-seed3" / "models" / "pivot")
+    assert [s.path for s in cfg.sources] == [str(tmp_path / "out" / "zoo-seed3" / "models" / n)
+                                             for n in ("describer", "forecaster", "calculator")]
+    raw = yaml.safe_load((tmp_path / "out" / "demo.yaml").read_text())
+    assert raw["zoo_build"]["root"] == str(tmp_path / "out")

@@ -185,12 +185,15 @@ app.add_typer(zoo_app, name="zoo")
 @zoo_app.command("build")
 def zoo_build(
     out: Annotated[Path, typer.Option(help="Folder of the zoo.")] = Path("fusechat-demo/zoo"),
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the models' initialisation and training data "
+                                                  "(another build of the same zoo).")] = 0,
     force: ForceOpt = False,
 ) -> None:
     """Build (or reuse) the demo's zoo: a pivot and three specialists, trained here."""
     from fusechat.zoo.build import build_zoo
+    from fusechat.zoo.catalog import DEMO_ZOO, seeded
 
-    for name, folder in build_zoo(out, force=force).items():
+    for name, folder in build_zoo(out, seeded(DEMO_ZOO, seed), force=force).items():
         typer.echo(f"{name}\t{folder}")
 
 

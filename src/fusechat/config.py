@@ -13,10 +13,11 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -45,6 +46,15 @@ RESERVED_NAMES = {
     IMPLICIT_SFT: "the implicit route's SFT target (targets/implicit-sft)",
     IMPLICIT_DPO: "the implicit route's DPO target (targets/implicit-dpo)",
 }
+
+
+def _step_limit(v: int) -> int:
+    if v == 0 or v < -1:
+        raise ValueError(f"must be a positive number of steps, or -1 for no limit (run the epochs); got {v}")
+    return v
+
+
+StepLimit = Annotated[int, AfterValidator(_step_limit)]
 
 
 class Section(BaseModel):
@@ -129,7 +139,7 @@ class ModelSpec(Section):
     gguf: GGUFSource | None = Field(None, description="Convert this GGUF file once and use the converted folder.")
     zoo: str | None = Field(
         None, description="A model of the demo zoo (docs/demo.md), built here if missing; default path "
-                          "fusechat-demo/zoo/models/<zoo>."
+                          "<zoo_build.root>/zoo/models/<zoo> (fusechat-demo/zoo/models/<zoo>)."
     )
     skills: list[str] = Field(
         default_factory=list, description="Evaluation skills this source is strong at: the table marks them "
@@ -200,8 +210,13 @@ class DataConfig(Section):
         None, description="Also train on the pivot's own answers to general prompts: they hold the targets near "
         "the pivot's general chat (docs/prepare.md). Default: off.",
     )
+    prompts: list[str] = Field(
+        default_factory=list, description="The prompt pool: files of conversations whose last turn is a user's, "
+        "with no gold answer. The pivot and the sources answer them (sample), the answers are scored (score), and "
+        "each prompt's best valid answer joins the training data of both routes (docs/prompt-pool.md).",
+    )
 
-    @field_validator("paths", mode="before")
+    @field_validator("paths", "prompts", mode="before")
     @classmethod
     def _one_path_is_a_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -274,6 +289,14 @@ class LoraConfig(Section):
     target_modules: str | list[str] = Field("all-linear", description="peft target modules.")
 
 
+class SftSchedule(Section):
+    """How long the SFT models (`sft`, `implicit-sft`) train, where it differs from the targets' schedule."""
+
+    epochs: float | None = Field(None, gt=0.0, description="Passes over their data (with max_steps -1).")
+    max_steps: StepLimit | None = Field(None, description="Optimizer steps (-1: run the epochs).")
+    learning_rate: float | None = Field(None, gt=0.0)
+
+
 class TrainConfig(Section):
     lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the gold-token loss.")
     lambda_end: float | None = Field(
@@ -282,14 +305,7 @@ class TrainConfig(Section):
     fusion_loss: Literal["ce", "kl"] = "ce"
     temperature: float = Field(1.0, gt=0.0, description="Teacher temperature applied to the fused distribution.")
     epochs: float = Field(3.0, gt=0.0)
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps_or_no_limit(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError(f"must be a positive number of steps, or -1 for no limit (run the epochs); got {v}")
-        return v
+    max_steps: StepLimit = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
     learning_rate: float = Field(5e-6, gt=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -316,6 +332,21 @@ class TrainConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     baselines: list[Literal["sft", "multi"]] = Field(
         default_factory=list, description="Also train these on the same data: sft (λ = 1), multi (all sources at once)."
+    )
+    sft: SftSchedule = Field(
+        default_factory=SftSchedule, description="The SFT models' own epochs, steps or learning rate, where they "
+        "differ from the targets' (with `start: implicit-sft`, implicit-sft's is the first of two steps)."
+    )
+    start: Literal["pivot", "implicit-sft"] = Field(
+        "pivot", description="Where the explicit route's targets and Multi start: the pivot (the paper), or the "
+        "implicit route's implicit-sft (route both): the sources' best answers learnt first, then their "
+        "distributions, so that every target shares that first step and their merge keeps what it taught "
+        "(docs/prompt-pool.md). Merges then take implicit-sft as their base."
+    )
+    workers: int = Field(
+        1, ge=1, description="On CPU in a single process: train this many targets side by side, each in a process "
+        "of its own on one thread (small models train no faster on a second thread). Ignored on GPUs and under "
+        "`accelerate launch`."
     )
 
 
@@ -383,6 +414,16 @@ class EvalConfig(Section):
     mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig, description="MT-Bench settings.")
 
 
+class ZooBuildConfig(Section):
+    """How the config's `zoo:` models are built (docs/demo.md)."""
+
+    seed: int = Field(0, ge=0, description="Seed of the zoo models' initialisation and training data: another "
+                                           "seed is another build of the same zoo, as another machine's CPU makes "
+                                           "one; each seed has its own folders.")
+    root: str = Field("fusechat-demo", description="Folder of the zoo folders: <root>/zoo/models/<name> "
+                                                   "(<root>/zoo-seed<N>/... for seed N).")
+
+
 class SyntheticData(Section):
     """Seeded conversations of fusechat's synthetic skills, written before the first stage (docs/real-models.md)."""
 
@@ -390,17 +431,24 @@ class SyntheticData(Section):
     train: dict[str, int] = Field(description="Skill -> conversations of it in the training mixture.")
     eval_per_skill: int = Field(20, ge=0, description="Held-out evaluation items per skill of `train`.")
     seed: int = Field(10_000, description="Seed of the mixture's conversations (held-out keys never appear).")
+    prompts: dict[str, int] = Field(
+        default_factory=dict, description="Skill -> prompts of it in the prompt pool (prompts.jsonl: questions "
+        "without answers, drawn apart from the mixture; held-out keys never appear)."
+    )
 
-    @field_validator("train")
+    @field_validator("train", "prompts")
     @classmethod
     def _counts(cls, v: dict[str, int]) -> dict[str, int]:
         # Skill names are checked where the skills live (fusechat.synthetic), when the run is loaded.
         if any(n < 0 for n in v.values()):
-            raise ValueError("conversation counts must be 0 or more")
+            raise ValueError("counts must be 0 or more")
         return v
 
     def files(self) -> tuple[Path, Path]:
         return Path(self.folder) / "train.jsonl", Path(self.folder) / "eval.jsonl"
+
+    def prompts_file(self) -> Path:
+        return Path(self.folder) / "prompts.jsonl"
 
 
 class SampleConfig(Section):
@@ -481,14 +529,7 @@ class DpoConfig(Section):
         1.0, gt=0.0, le=1.0, description="WRPO: share of training over which α rises linearly from 0 to wrpo_alpha."
     )
     epochs: float = Field(1.0, gt=0.0)
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps_or_no_limit(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError(f"must be a positive number of steps, or -1 for no limit (run the epochs); got {v}")
-        return v
+    max_steps: StepLimit = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
     learning_rate: float = Field(5e-7, gt=0.0)
     global_batch_size: int = Field(32, gt=0, description="Pairs per optimizer step over all processes.")
     per_device_batch_size: int = Field(1, gt=0, description="Pairs per forward pass per process.")
@@ -519,6 +560,7 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     synthetic: SyntheticData | None = Field(None, description="Generate the data files of the run from skills.")
+    zoo_build: ZooBuildConfig = Field(default_factory=ZooBuildConfig, description="How `zoo:` models are built.")
     route: Literal["explicit", "implicit", "both"] = Field(
         "explicit", description="explicit: distributions fused and targets merged (FuseChat 1/2); implicit: "
         "sampled answers scored, then SFT and DPO (FuseChat-3.0); both.",
@@ -546,6 +588,13 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _a_start_the_run_trains(self) -> RunConfig:
+        if self.train.start == IMPLICIT_SFT and self.route != "both":
+            raise ValueError(f"train.start {IMPLICIT_SFT} needs the implicit route's {IMPLICIT_SFT} target: set "
+                             f"route: both (route is {self.route})")
+        return self
+
+    @model_validator(mode="after")
     def _merge_targets_are_targets(self) -> RunConfig:
         # The names become folders under targets/: only the run's own targets may be named.
         known = [s.name for s in self.sources] + ["sft", "multi"]
@@ -554,6 +603,12 @@ class RunConfig(Section):
                 raise ValueError(f"merge.targets[{i}] {name!r} is not a target of this run (targets: "
                                  f"{', '.join(known)})")
         return self
+
+    def pool_paths(self) -> list[str]:
+        """The prompt pool's files: `data.prompts`, then the synthetic prompts when `synthetic.prompts` asks for some."""
+        synthetic = [str(self.synthetic.prompts_file())] if self.synthetic and any(self.synthetic.prompts.values()) \
+            else []
+        return list(dict.fromkeys([*self.data.prompts, *synthetic]))
 
     @property
     def explicit_route(self) -> bool:
@@ -581,8 +636,12 @@ class RunConfig(Section):
         if "train" in payload:
             # Which baselines run beside a target does not change the target; the chunked loss changes
             # it by floating-point rounding only.
-            for key in ("baselines", "chunked_loss", "loss_chunk_size"):
+            # The SFT schedule reaches the SFT models as their own epochs, steps and learning rate.
+            for key in ("baselines", "chunked_loss", "loss_chunk_size", "workers", "sft"):
                 payload["train"].pop(key, None)
+        if "data" in payload:
+            # The pool's files reach a stage through what is made of them (the answers, the prompts' hashes).
+            payload["data"].pop("prompts", None)
         return stable_hash(payload)
 
     def to_yaml(self) -> str:

@@ -18,8 +18,8 @@ import yaml
 from fusechat.errors import FusechatError
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.pipeline import load_run, run_all
-from fusechat.progress import compact_console, console
-from fusechat.zoo.catalog import DEMO_ZOOS, ZOO_FOLDERS, ZOOS
+from fusechat.progress import compact_console, console, print_result
+from fusechat.zoo.catalog import DEMO_ZOOS, ZOOS
 
 DEFAULT_OUT = "fusechat-demo"
 LOG_NAME = "demo.log"
@@ -39,6 +39,8 @@ def write_config(out: Path, zoo: str = "demo") -> Path:
     raw = yaml.safe_load(demo_config_path().read_text(encoding="utf-8"))
 
     def move(value):
+        if value == DEFAULT_OUT:
+            return str(out)
         if isinstance(value, str) and value.startswith(DEFAULT_OUT + "/"):
             return str(out / value[len(DEFAULT_OUT) + 1:])
         if isinstance(value, list):
@@ -49,8 +51,7 @@ def write_config(out: Path, zoo: str = "demo") -> Path:
 
     raw = move(raw)
     if zoo != "demo":
-        entries = [{"name": m.name, "zoo": f"{zoo}/{m.name}", "path": str(out / ZOO_FOLDERS[zoo] / "models" / m.name)}
-                   for m in ZOOS[zoo].models]
+        entries = [{"name": m.name, "zoo": f"{zoo}/{m.name}"} for m in ZOOS[zoo].models]
         raw["pivot"], raw["sources"] = entries[0], entries[1:]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "demo.yaml"
@@ -77,6 +78,6 @@ def run_demo(out: Path = Path(DEFAULT_OUT), force: bool = False, zoo: str = "dem
     results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text(encoding="utf-8"))
     results["elapsed_s"] = round(time.time() - started, 1)
     write_report(results, out / "eval", "fusechat demo: the zoo fused")
-    console.print(format_markdown(results))
+    print_result(format_markdown(results))
     console.print(f"demo: {out / 'eval' / 'results.md'} ({results['elapsed_s']:.0f} s)")
     return results

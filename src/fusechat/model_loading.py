@@ -9,8 +9,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from fusechat.config import HUB_ID_RE, HUB_PREFIX, ModelSpec
+from fusechat.config import HUB_ID_RE, HUB_PREFIX, IMPLICIT_SFT, SFT, ModelSpec, RunConfig
 from fusechat.errors import FusechatError
+from fusechat.rundir import RunDir
 
 
 def model_path_problem(path: str, hub: bool = False) -> str | None:
@@ -241,3 +242,12 @@ def with_model(name: str, path: str, work: Callable, dtype: str = "fp32", device
     finally:
         del model  # the only reference: the memory goes back before the next model loads
         free_memory()
+
+
+def start_spec(cfg: RunConfig, name: str | None = None) -> ModelSpec:
+    """The model target ``name`` starts from (and merges take as their base, with no name): the pivot, or with
+    `train.start: implicit-sft` the implicit route's implicit-sft for the fused targets and Multi (SFT on the gold
+    and implicit-sft itself start from the pivot)."""
+    if cfg.train.start == IMPLICIT_SFT and name not in (SFT, IMPLICIT_SFT):
+        return row_spec(IMPLICIT_SFT, str(RunDir(cfg.run_dir).stage("train", IMPLICIT_SFT)))
+    return cfg.pivot

@@ -16,7 +16,15 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from fusechat.config import DATA_SUFFIXES, HUB_ID_RE, RESERVED_NAMES, ModelSpec, RunConfig, load_config
+from fusechat.config import (
+    DATA_SUFFIXES,
+    HUB_ID_RE,
+    RESERVED_NAMES,
+    ModelSpec,
+    RunConfig,
+    ZooBuildConfig,
+    load_config,
+)
 from fusechat.errors import ConfigError, DiskError, disk_errno
 from fusechat.gguf_models import converted_folder, ensure_converted, is_converted, source_problem
 from fusechat.merge.registry import METHODS, check_merge_settings
@@ -34,19 +42,22 @@ ZOO_BUILDER = "fusechat.zoo.build"  # trains: imported only when a zoo model mus
 
 def route_stages(cfg: RunConfig) -> list[str]:
     """The stages of the config's route, in order."""
-    return [s.name for s in stages_of_route(cfg.route)]
+    return [s.name for s in stages_of_route(cfg.route, pool=bool(cfg.pool_paths()))]
 
 
 def zoo_catalog():
     return importlib.import_module(ZOO_CATALOG)
 
 
-def model_folder(spec: ModelSpec) -> Path:
+def model_folder(spec: ModelSpec, zoo_build: ZooBuildConfig | None = None) -> Path:
     """Where the model's Hugging Face folder is: its `path`, or the default place of its GGUF conversion or zoo
-    build."""
+    build (``zoo_build``: the run's root and seed of zoo builds)."""
     if spec.path is not None:
         return Path(spec.path)
-    return converted_folder(spec.gguf) if spec.gguf is not None else zoo_catalog().default_folder(spec.zoo)
+    if spec.gguf is not None:
+        return converted_folder(spec.gguf)
+    zoo_build = zoo_build or ZooBuildConfig()
+    return zoo_catalog().default_folder(spec.zoo, zoo_build.root, zoo_build.seed)
 
 
 def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
@@ -78,7 +89,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     a zoo source without `skills` gets the skills it was trained on."""
     for spec in cfg.models:
         if spec.path is None:
-            spec.path = str(model_folder(spec))
+            spec.path = str(model_folder(spec, cfg.zoo_build))
         if spec.zoo is not None and not spec.skills:
             spec.skills = zoo_catalog().zoo_skills(spec.zoo)
     return cfg
@@ -87,16 +98,17 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 def run_problems(cfg: RunConfig) -> list[str]:
     """What a valid config still lacks to run here: data files, model folders, model packages."""
     problems = []
-    generated = {str(f) for f in cfg.synthetic.files()} if cfg.synthetic else set()
-    for i, p in enumerate(cfg.data.paths):
-        if Path(p).exists() or str(Path(p)) in generated:
-            continue
-        if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
-            continue  # a hub dataset id, loaded by the prepare stage
-        problems.append(f"data.paths[{i}]: file not found: {p}")
+    generated = {str(f) for f in [*cfg.synthetic.files(), cfg.synthetic.prompts_file()]} if cfg.synthetic else set()
+    for field, paths in (("paths", cfg.data.paths), ("prompts", cfg.data.prompts)):
+        for i, p in enumerate(paths):
+            if Path(p).exists() or str(Path(p)) in generated:
+                continue
+            if cfg.data.format in ("auto", "hf") and not p.endswith(DATA_SUFFIXES) and HUB_ID_RE.match(p) and "/" in p:
+                continue  # a hub dataset id, loaded by the stage that reads it
+            problems.append(f"data.{field}[{i}]: file not found: {p}")
     for where, m in [("pivot", cfg.pivot)] + [(f"sources[{i}]", s) for i, s in enumerate(cfg.sources)]:
         if m.gguf is not None:
-            problem = None if is_converted(model_folder(m)) else source_problem(m.gguf)
+            problem = None if is_converted(model_folder(m, cfg.zoo_build)) else source_problem(m.gguf)
             field = "gguf"
         elif m.zoo is not None:
             problem, field = zoo_catalog().zoo_problem(m.zoo), "zoo"
@@ -141,9 +153,11 @@ def make_ready(cfg: RunConfig) -> None:
     with run_lock(cfg.run_dir):
         RunDir(cfg.run_dir).save_config(cfg.to_yaml())
     ensure_synthetic(cfg)
-    unbuilt = [s for s in cfg.models if s.zoo is not None and not zoo_catalog().entry_is_built(s.zoo, Path(s.path))]
+    seed = cfg.zoo_build.seed
+    unbuilt = [s for s in cfg.models
+               if s.zoo is not None and not zoo_catalog().entry_is_built(s.zoo, Path(s.path), seed)]
     if unbuilt:
-        importlib.import_module(ZOO_BUILDER).build_entries(unbuilt)
+        importlib.import_module(ZOO_BUILDER).build_entries(unbuilt, seed)
     for spec in cfg.models:
         if spec.gguf is not None:
             ensure_converted(spec)

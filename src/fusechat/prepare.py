@@ -24,6 +24,7 @@ from fusechat.data.masks import assistant_token_mask, labels_from_mask
 from fusechat.data.readers import iter_records
 from fusechat.data.templates import Rendered, TemplateError, get_template
 from fusechat.errors import MAX_LISTED, DataError, FusechatError, listed
+from fusechat.implicit.score import pairs_folder, pool_answers_file
 from fusechat.model_loading import load_tokenizer, tokenizer_hash
 from fusechat.pivot_answers import training_paths
 from fusechat.progress import console, progress_bar, summary_table
@@ -176,18 +177,51 @@ class Preparer:
         }
 
 
-def iter_conversations(cfg: RunConfig, stats: PrepareStats) -> Iterator[Conversation | BadRecord]:
+def prepare_paths(cfg: RunConfig, gold_only: bool = False) -> list[str]:
+    """What prepare reads: the gold data (``data.paths`` and the pivot's answers), then, with a prompt pool, each
+    pool prompt's best answer (the score stage's SFT set)."""
+    pool = [] if gold_only or not cfg.pool_paths() else [str(pool_answers_file(cfg))]
+    return [*training_paths(cfg), *pool]
+
+
+def iter_conversations(cfg: RunConfig, stats: PrepareStats, gold_only: bool = False
+                       ) -> Iterator[Conversation | BadRecord]:
     """Every record of every data file, parsed; bad ones come back as ``BadRecord``."""
-    for path in training_paths(cfg):
+    pool = str(pool_answers_file(cfg))
+    for path in prepare_paths(cfg, gold_only):
+        fmt = "openai" if path == pool else cfg.data.format  # the SFT set is written in OpenAI's format
         for where, record in iter_records(path, cfg.data.split):
             stats.records += 1
             if isinstance(record, BadRecord):
                 yield record
                 continue
             try:
-                yield parse_record(record, cfg.data.format, where, stats.records - 1)
+                yield parse_record(record, fmt, where, stats.records - 1)
             except BadRecord as bad:
                 yield bad
+
+
+def gold_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], str]:
+    """The gold training conversations (``data.paths``, the pivot's answers) as training rows, through the run's
+    template, and the fingerprint of what they are made from; bad records as ``data.on_bad_record`` says."""
+    stats = PrepareStats()
+    convs, bad = [], []
+    for item in iter_conversations(cfg, stats, gold_only=True):
+        (bad if isinstance(item, BadRecord) else convs).append(item)
+    if bad and cfg.data.on_bad_record == "error":
+        raise DataError(f"{len(bad)} bad record(s) in the training data:\n{listed([str(b) for b in bad])}\n"
+                        "Fix them, or set data.on_bad_record: skip to drop and count them.")
+    preparer = Preparer(tokenizer, get_template(cfg.prepare.template, tokenizer), cfg.prepare.max_length, stats)
+    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in prepare_paths(cfg, gold_only=True)}
+    return list(preparer.rows(convs)), stable_hash({"config": cfg.section_hash("data", "prepare"), "inputs": inputs})
+
+
+def pooled_rows(cfg: RunConfig, prepared) -> set[int]:
+    """Indices of the prepared rows made from the prompt pool's answers (none without a pool)."""
+    if not cfg.pool_paths():
+        return set()
+    pool = f"{pool_answers_file(cfg)}:"
+    return {i for i, origin in enumerate(prepared["origin"]) if origin.startswith(pool)}
 
 
 def check_records(cfg: RunConfig) -> tuple[int, list[BadRecord]]:
@@ -198,8 +232,7 @@ def check_records(cfg: RunConfig) -> tuple[int, list[BadRecord]]:
 
 
 def input_fingerprint(cfg: RunConfig, tok_hash: str) -> tuple[str, dict]:
-
-    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in training_paths(cfg)}
+    inputs = {p: (sha256_tree(p) if Path(p).exists() else "hub") for p in prepare_paths(cfg)}
     payload = {"config": cfg.section_hash("data", "prepare"), "tokenizer": tok_hash, "inputs": inputs}
     return stable_hash(payload), inputs
 
@@ -213,6 +246,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     datasets.disable_progress_bars()  # fusechat draws its own
 
     pivot_answers.run(cfg, force)
+    if cfg.pool_paths():
+        require_complete(pairs_folder(cfg), "SFT set of the prompt pool's answers", "fusechat score CONFIG")
     out = RunDir(cfg.run_dir).stage("prepare")
     tokenizer = load_tokenizer(cfg.pivot)
     template = get_template(cfg.prepare.template, tokenizer)

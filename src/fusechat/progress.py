@@ -25,6 +25,13 @@ from rich.text import Text
 console = Console(stderr=True, highlight=False)
 
 
+def print_result(text: str) -> None:
+    """A result (a results table) on stdout as plain text, never wrapped, so that `> file` and pipes get it whole;
+    progress and messages stay on stderr (``console``)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def progress_bar(*extra_columns) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),

@@ -32,10 +32,18 @@ class Stage:
     help: str  # the command's help
     option: StageOption | None = None
     per_model: bool = False  # its folder holds one output (and manifest) per model
+    pool: bool = False  # also runs on any route when the config has a prompt pool (`data.prompts`)
     own_command: bool = False  # the command line writes its command by hand (options beyond the table's)
 
 
 STAGES: tuple[Stage, ...] = (
+    # The prompt pool's answers come first: with a pool, the best of them join prepare's training data.
+    Stage("sample", "fusechat.implicit.sample", "samples", IMPLICIT,
+          "Several sampled answers per prompt (the prompt pool's, else the training data's) from each model.",
+          StageOption("model", str, None, "Sample one answering model only."), per_model=True, pool=True),
+    Stage("score", "fusechat.implicit.score", "scores", IMPLICIT,
+          "Score every sampled answer, then build the SFT set (each prompt's best answer) and the preference pairs.",
+          pool=True),
     Stage("prepare", "fusechat.prepare", "prepared", EXPLICIT,
           "Render and tokenize the conversations; loss only on assistant turns."),
     Stage("represent", "fusechat.represent", "represent", EXPLICIT,
@@ -45,11 +53,6 @@ STAGES: tuple[Stage, ...] = (
           "Map each source's distributions onto the pivot's tokens and vocabulary.", per_model=True),
     Stage("fuse", "fusechat.fuse", "fuse", EXPLICIT,
           "Choose, per sequence, the pivot's or the source's distribution (MinCE).", per_model=True),
-    Stage("sample", "fusechat.implicit.sample", "samples", IMPLICIT,
-          "Implicit fusion: several sampled answers per training prompt from each model.",
-          StageOption("model", str, None, "Sample one answering model only."), per_model=True),
-    Stage("score", "fusechat.implicit.score", "scores", IMPLICIT,
-          "Implicit fusion: score every sampled answer, then build the SFT set and the preference pairs."),
     Stage("train", "fusechat.train", "targets", BOTH,
           "Train the targets: one per source on the fused distributions; implicit-sft and implicit-dpo.",
           StageOption("source", str, None, "Train one target only: a source's, sft, multi, implicit-sft or "
@@ -71,6 +74,6 @@ def stage(name: str) -> Stage:
     raise KeyError(f"no stage {name!r} (stages: {', '.join(STAGE_NAMES)})")
 
 
-def stages_of_route(route: str) -> list[Stage]:
-    """The stages a run of ``route`` (explicit, implicit or both) runs, in order."""
-    return [s for s in STAGES if route == BOTH or s.route in (route, BOTH)]
+def stages_of_route(route: str, pool: bool = False) -> list[Stage]:
+    """The stages a run of ``route`` (explicit, implicit or both) runs, in order; ``pool``: with a prompt pool."""
+    return [s for s in STAGES if route == BOTH or s.route in (route, BOTH) or (pool and s.pool)]

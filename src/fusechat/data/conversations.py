@@ -87,6 +87,32 @@ def parse_record(record: Any, fmt: str, where: str, index: int) -> Conversation:
         raise e.at(where) from None
 
 
+def parse_prompt(record: Any, fmt: str, where: str, index: int) -> Conversation:
+    """A prompt pool's record: a conversation up to a last user turn, with no answer to it; or ``BadRecord``."""
+    try:
+        if not isinstance(record, dict):
+            raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+        fmt = detect_format(record) if fmt in ("auto", "hf") else fmt
+        record_format = FORMATS[fmt]
+        if record_format.list_key not in record:
+            raise BadRecord(
+                "unknown_format", f"data.format is {fmt} but the record has no '{record_format.list_key}' list"
+            )
+        messages, shift = _messages(record, record_format)
+        conv = Conversation(id=_record_id(record, where), origin=where, messages=messages)
+        turns = [m for m in messages if m.role != "system"]
+        if not turns or turns[-1].role != "user":
+            raise BadRecord("not_a_prompt", f"a prompt ends on a user turn with no answer; its last turn is "
+                                            f"{turns[-1].role if turns else 'missing'} (a conversation with its answer "
+                                            "belongs in data.paths)")
+        conv.messages = [*conv.messages, Message("assistant", "(the answer)")]
+        _check_structure(conv, record_format.list_key, shift)  # the alternation rules, with a stand-in answer
+        conv.messages = conv.messages[:-1]
+        return conv
+    except BadRecord as e:
+        raise e.at(where) from None
+
+
 def _record_id(record: dict, where: str) -> str:
     rid = record.get("id")
     return str(rid) if isinstance(rid, (str, int)) and str(rid) else where

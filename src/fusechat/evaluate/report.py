@@ -53,6 +53,9 @@ def format_markdown(results: dict, title: str | None = None) -> str:
         lines += [f"| {name} | " + " | ".join(_cell(row.get(c), digits) for c in cols) + " |"
                   for name, row in rows.items()]
         parts.append("\n".join(lines) + "\n")
+    if results.get("row_notes"):
+        parts.append("## Rows\n\n" + "\n".join(f"- `{name}`: {note}" for name, note in results["row_notes"].items())
+                     + "\n")
     if results.get("retention"):
         parts.append(format_retention(results["retention"], results.get("merge_method")))
     if results.get("pipeline"):

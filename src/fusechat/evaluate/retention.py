@@ -6,7 +6,8 @@ the retention of target-s's gain is, in bits per byte (lower is better),
     retention(m, s) = Σ_{k∈S} (pivot_k − m_k) / Σ_{k∈S} (pivot_k − target_k)
 
 1 when the merge is as good as the target on the source's skills, 0 when it is no
-better than the pivot, above 1 when it is better than the target. Summing over the
+better than the pivot, above 1 when it is better than the target (with `train.start:
+implicit-sft` a target's gain is what both of its steps brought). Summing over the
 skills before dividing keeps one skill where the target barely moved from blowing the
 ratio up. No value where the target gained nothing (the denominator is not positive).
 """

@@ -45,6 +45,22 @@ def model_rows(cfg: RunConfig) -> list[Row]:
     return _unique(rows)
 
 
+def row_notes(cfg: RunConfig, names: list[str]) -> dict[str, str]:
+    """What each baseline row of a run was trained on: with a prompt pool, the rows a user compares with differ in
+    their data (the gold alone, or the gold and the pool's best answers), not only in their method."""
+    pool = bool(cfg.pool_paths())
+    data = "the gold and the prompt pool's best answers" if pool else "the gold conversations"
+    notes = {
+        SFT: f"plain fine-tuning of the pivot on the gold conversations{' alone' if pool else ''}",
+        MULTI: f"one target fused from every source at once, on {data}",
+        IMPLICIT_SFT: (f"plain fine-tuning of the pivot on {data} (sequence-level distillation)" if pool
+                       else "plain fine-tuning of the pivot on each prompt's best sampled answer"),
+        IMPLICIT_DPO: "implicit-sft, then DPO on pairs of sampled answers",
+        **{f"target-{s.name}": f"the pivot fused with {s.name}'s distributions, on {data}" for s in cfg.sources},
+    }
+    return {name: notes[name] for name in names if name in notes}
+
+
 def retrained_targets(rundir: RunDir, merge_manifest: dict) -> list[str]:
     """The targets a merge was made from whose folder now holds another version (or none)."""
     made_from = merge_manifest.get("target_fingerprints") or {}  # absent in merges of older fusechat versions

@@ -22,10 +22,10 @@ from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
 from fusechat.evaluate.pipeline_report import pipeline_summary
 from fusechat.evaluate.report import format_markdown, write_report
 from fusechat.evaluate.retention import against, retention
-from fusechat.evaluate.rows import Row, folder_rows, model_rows
+from fusechat.evaluate.rows import Row, folder_rows, model_rows, row_notes
 from fusechat.generation import answer_bits, generate_answers
 from fusechat.model_loading import with_model
-from fusechat.progress import console, progress_bar
+from fusechat.progress import console, print_result, progress_bar
 from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, sha256_file
 
 # ---------------------------------------------------------------- scoring
@@ -168,6 +168,7 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
         results["merge_method"] = cfg.merge.method
         results["retention"] = retention(results["bits_per_byte"], source_skills, merges)
         results["against_sft"] = against(results["bits_per_byte"], merges)
+    results["row_notes"] = row_notes(cfg, list(results["bits_per_byte"]))
     results["pipeline"] = pipeline_summary(cfg)
     with build_output(out, "eval", fingerprint, started, models=results["models"], data=list(cfg.eval.data),
                       items=len(items), settings=cfg.eval.model_dump(mode="json")) as building:
@@ -202,9 +203,7 @@ def write_outputs(folder: Path, results: dict, records: dict[str, list[dict]], t
 
 
 def show(results: dict, out: Path) -> None:
-    from rich.markdown import Markdown
-
-    console.print(Markdown(format_markdown(results)))
+    print_result(format_markdown(results))
     console.print(f"eval: {out}")
 
 

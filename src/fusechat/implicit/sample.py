@@ -40,12 +40,14 @@ _SAMPLING_KEYS = ("samples_per_prompt", "temperature", "top_p", "max_new_tokens"
 
 
 def sample_models(cfg: RunConfig) -> list[ModelSpec]:
-    """The models that answer: ``implicit.sample.models``, or every source (and the pivot for WRPO)."""
+    """The models that answer: ``implicit.sample.models``, or every source, then the pivot (for WRPO, or with
+    ``implicit.pairs.include_pivot``). Ties between answers go to the earlier model: by default a source's answer
+    over the pivot's, which teaches the pivot what it does not already say."""
     names = cfg.implicit.sample.models
     if names is None:
         names = [s.name for s in cfg.sources]
         if cfg.implicit.dpo.loss == "wrpo" or cfg.implicit.pairs.include_pivot:
-            names = [cfg.pivot.name, *names]
+            names = [*names, cfg.pivot.name]
     return [cfg.model(n) for n in names]
 
 

@@ -44,6 +44,11 @@ def pairs_folder(cfg: RunConfig) -> Path:
     return RunDir(cfg.run_dir).root / PAIRS_DIR
 
 
+def pool_answers_file(cfg: RunConfig) -> Path:
+    """The SFT set: each prompt's best answer, with the model that wrote it (with a pool, prepare reads it)."""
+    return pairs_folder(cfg) / "sft.jsonl"
+
+
 def _scorer_identity(cfg: RunConfig, checker: Checker | None) -> dict:
     s = cfg.implicit.score
     if s.scorer == "checker":

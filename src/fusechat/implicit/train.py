@@ -26,7 +26,7 @@ from fusechat.errors import FusechatError
 from fusechat.implicit.score import pairs_folder, read_jsonl
 from fusechat.implicit.wrpo import WRPOTrainer
 from fusechat.model_loading import load_causal_lm, load_tokenizer, row_spec
-from fusechat.prepare import Preparer
+from fusechat.prepare import Preparer, gold_rows
 from fusechat.progress import console
 from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, require_complete
 from fusechat.train.checkpoints import claim_work_folder, resume_point
@@ -60,17 +60,23 @@ def sft_rows(cfg: RunConfig, tokenizer, records: list[dict]) -> list[dict]:
 
 
 def train_implicit_sft(cfg: RunConfig, force: bool = False) -> Path:
+    """The pivot fine-tuned on the best answers; with a prompt pool, on the gold conversations and the pool's best
+    answers (sequence-level distillation: the baseline the explicit route's targets must beat)."""
     folder, manifest = _pairs(cfg)
     records = read_jsonl(folder / "sft.jsonl")
-    rows = sft_rows(cfg, load_tokenizer(cfg.pivot), records)
+    tokenizer = load_tokenizer(cfg.pivot)
+    rows = sft_rows(cfg, tokenizer, records)
+    data = {"sft_set": manifest["fingerprint"], "template": cfg.prepare.template, "max_length": cfg.prepare.max_length}
+    answers = f"the best sampled answers of {', '.join(s.path for s in cfg.sources)}"
+    if cfg.pool_paths():
+        gold, data["gold"] = gold_rows(cfg, tokenizer)
+        rows = gold + rows
+        answers = f"the gold conversations and {answers} to the prompt pool"
     if not rows:
         raise FusechatError(f"{folder / 'sft.jsonl'} holds no usable conversation ({len(records)} records); "
                             "see report.md there and the implicit.pairs rules")
-    what = ("implicit fusion, first step: fine-tuning of the pivot (λ = 1) on the best sampled answers of "
-            f"{', '.join(s.path for s in cfg.sources)}")
-    return train_target(baseline_config(cfg, SFT), IMPLICIT_SFT, force, prepared=rows,
-                        data={"sft_set": manifest["fingerprint"], "template": cfg.prepare.template,
-                              "max_length": cfg.prepare.max_length}, what=what)
+    what = f"implicit fusion, first step: fine-tuning of the pivot (λ = 1) on {answers}"
+    return train_target(baseline_config(cfg, SFT), IMPLICIT_SFT, force, prepared=rows, data=data, what=what)
 
 
 def dpo_fingerprint(cfg: RunConfig, sft_manifest: dict, pairs_manifest: dict) -> str:

@@ -22,6 +22,7 @@ from fusechat.merge.analysis import write_analysis
 from fusechat.merge.methods import mean_variation, varm_weights, weighted_sum
 from fusechat.merge.registry import MergeMethod, merge_method_named
 from fusechat.merge.tensors_io import DTYPES, ModelReader, StreamingWriter, layer_key
+from fusechat.model_loading import start_spec
 from fusechat.progress import console, progress_bar
 from fusechat.rundir import RunDir, build_output, is_complete, read_manifest
 
@@ -62,8 +63,11 @@ class Inputs:
                 raise FusechatError(f"{folder} holds no complete target; run `fusechat train CONFIG --source {name}`")
             self.target_dirs.append(folder)
             self.fingerprints.append(manifest["fingerprint"])
-        self.pivot_dir = model_folder(cfg.pivot.path, f"pivot {cfg.pivot.name!r}")
-        self.pivot = ModelReader(self.pivot_dir, f"pivot {cfg.pivot.name!r}")
+        base = start_spec(cfg)  # what the targets started from: the pivot, or implicit-sft (train.start)
+        label = f"pivot {cfg.pivot.name!r}" if base is cfg.pivot else f"the targets' start {base.name!r}"
+        self.base_path = base.path
+        self.pivot_dir = model_folder(base.path, label)
+        self.pivot = ModelReader(self.pivot_dir, label)
         self.targets = [ModelReader(d, f"target {n!r}") for d, n in zip(self.target_dirs, self.names)]
         self._check()
 
@@ -146,7 +150,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) ->
     except ValueError as e:
         raise FusechatError(str(e)) from None
     out = RunDir(cfg.run_dir).stage("merge", name)
-    payload = {"pivot": cfg.pivot.path, "targets": inputs.fingerprints, "method": name, "settings": settings,
+    payload = {"pivot": inputs.base_path, "targets": inputs.fingerprints, "method": name, "settings": settings,
                "seed": cfg.merge.seed}
     fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"merge {name}"):
@@ -159,7 +163,7 @@ def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) ->
     plan = [(n, DTYPES[inputs.pivot.tensors[n].dtype], inputs.pivot.tensors[n].shape) for n in tensor_names]
     used_weights: dict[str, list[float]] = {}
     moved = [False] * len(inputs.targets)
-    with build_output(out, "merge", fingerprint, method=name, pivot=cfg.pivot.path, targets=inputs.names,
+    with build_output(out, "merge", fingerprint, method=name, pivot=inputs.base_path, targets=inputs.names,
                       target_fingerprints=dict(zip(inputs.names, inputs.fingerprints)),
                       settings=settings, seed=cfg.merge.seed) as building, progress_bar() as bar:
         writer = StreamingWriter(building.folder, plan, int(cfg.merge.max_shard_size_mb * 2**20),

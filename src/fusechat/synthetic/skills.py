@@ -247,6 +247,19 @@ def conversations(skill: str, n: int, seed: int, split: str = "train", id_prefix
     return out
 
 
+def pool_prompts(skill: str, n: int, seed: int) -> list[dict]:
+    """``n`` prompts of one skill without their answers (a prompt pool's records), training keys only, drawn
+    apart from ``conversations`` of the same seed."""
+    s = ALL_SKILLS[skill]
+    rng = random.Random(f"{skill}:pool:{seed}")
+    out = []
+    for i in range(n):
+        key, prompt, _ = s.sample(rng, "train")
+        out.append({"id": f"pool-{skill}-{seed}-{i}", "skill": skill, "key": key,
+                    "conversations": [{"from": "human", "value": prompt}]})
+    return out
+
+
 def eval_items(skill: str, n: int, seed: int = 0) -> list[dict]:
     """``n`` held-out evaluation items (``fusechat.evaluate`` JSONL records)."""
     s = ALL_SKILLS[skill]

@@ -16,13 +16,13 @@ import shutil
 import time
 from pathlib import Path
 
-from fusechat.config import MULTI, SFT, RunConfig, TrainConfig, stable_hash
+from fusechat.config import IMPLICIT_SFT, MULTI, SFT, ModelSpec, RunConfig, TrainConfig, stable_hash
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.fuse import multi_config
-from fusechat.model_loading import load_causal_lm, load_tokenizer, model_hash, tokenizer_hash
-from fusechat.prepare import load_prepared
+from fusechat.model_loading import load_causal_lm, load_tokenizer, model_hash, start_spec, tokenizer_hash
+from fusechat.prepare import load_prepared, pooled_rows
 from fusechat.progress import console
 from fusechat.rundir import RunDir, atomic_write_text, build_output, is_complete, read_manifest, require_complete
 from fusechat.train.checkpoints import claim_work_folder, mean_logged_loss, resume_point
@@ -45,12 +45,23 @@ def explicit_targets(cfg: RunConfig) -> list[str]:
 
 
 def baseline_config(cfg: RunConfig, name: str) -> RunConfig:
-    """The run's config as the baseline ``name`` trains with: λ = 1 for sft, every source fused for multi."""
+    """The run's config as the baseline ``name`` trains with: λ = 1 and the SFT schedule (`train.sft`) for sft (and
+    implicit-sft), every source fused for multi."""
     if name == SFT:
-        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lambda_": 1.0, "lambda_end": None})})
+        schedule = {k: v for k, v in cfg.train.sft.model_dump().items() if v is not None}
+        return cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"lambda_": 1.0, "lambda_end": None, **schedule})})
     if name == MULTI:
         return multi_config(cfg)
     return cfg
+
+
+def _start_identity(cfg: RunConfig, spec: ModelSpec) -> dict:
+    if spec is cfg.pivot:
+        return {"path": cfg.pivot.path, "model": model_hash(cfg.pivot)}
+    manifest = require_complete(Path(spec.path), f"{IMPLICIT_SFT} target (train.start)",
+                                f"fusechat train CONFIG --source {IMPLICIT_SFT}")
+    return {"path": cfg.pivot.path, "model": model_hash(cfg.pivot), "start": manifest["fingerprint"]}
 
 
 def _fused_inputs(cfg: RunConfig, name: str, pivot_tok_hash: str) -> tuple[Path | None, dict | None]:
@@ -92,10 +103,13 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
     tokenizer = load_tokenizer(cfg.pivot)
     fused_dir, fused_manifest = (None, None) if prepared is not None else _fused_inputs(cfg, name,
                                                                                         tokenizer_hash(tokenizer))
+    gold_only = name == SFT and prepared is None and bool(cfg.pool_paths())  # SFT on the gold alone: the baseline
     if data is None:
-        data = {"prepared": (read_manifest(rundir.stage("prepare")) or {}).get("fingerprint")}
-    payload = {**data, "fused": (fused_manifest or {}).get("fingerprint"),
-               "pivot": {"path": cfg.pivot.path, "model": model_hash(cfg.pivot)}, "train": cfg.section_hash("train")}
+        data = {"prepared": (read_manifest(rundir.stage("prepare")) or {}).get("fingerprint"),
+                **({"rows": "gold"} if gold_only else {})}
+    start = start_spec(cfg, name)
+    payload = {**data, "fused": (fused_manifest or {}).get("fingerprint"), "pivot": _start_identity(cfg, start),
+               "train": cfg.section_hash("train")}
     fingerprint = stable_hash(payload)
     if is_complete(out, fingerprint, force, label=f"train {name}"):
         if state.is_main_process and not cfg.train.keep_checkpoints:
@@ -105,7 +119,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
         claim_work_folder(work, fingerprint, name, force)
     state.wait_for_everyone()
 
-    trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state, prepared)
+    trainer, sizes = build_trainer(cfg, name, tokenizer, fused_dir, work, state, prepared, gold_only, start)
     last = resume_point(trainer, work, fingerprint, name, state)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -127,12 +141,17 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
 
 
 def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, work: Path,
-                  state, prepared=None) -> tuple[FusionTrainer, dict]:
+                  state, prepared=None, gold_only: bool = False,
+                  start: ModelSpec | None = None) -> tuple[FusionTrainer, dict]:
     """The FusionTrainer of one target (the pivot, its data and the fused targets) and its data sizes;
-    ``prepared``: rows to train on instead of the prepare stage's."""
+    ``prepared``: rows to train on instead of the prepare stage's; ``gold_only``: leave out the rows made from
+    the prompt pool's answers."""
     t = cfg.train
     prepared = load_prepared(cfg) if prepared is None else prepared
     train_idx, eval_idx = split_indices(len(prepared), t.eval_fraction, t.seed)
+    if gold_only:
+        pooled = pooled_rows(cfg, prepared)
+        train_idx, eval_idx = [i for i in train_idx if i not in pooled], [i for i in eval_idx if i not in pooled]
     if not train_idx:
         raise FusechatError(f"train {name}: no training sequence left (prepared: {len(prepared)}, "
                             f"held out for evaluation: {len(eval_idx)})")
@@ -146,7 +165,7 @@ def build_trainer(cfg: RunConfig, name: str, tokenizer, fused_dir: Path | None, 
     if fused is not None and len(fused) != len(prepared):
         raise FusechatError(f"{fused_dir} holds {len(fused)} sequences, the prepared data {len(prepared)}")
 
-    model = load_causal_lm(cfg.pivot, "fp32", None if state.device.type == "cpu" else str(state.device))
+    model = load_causal_lm(start or cfg.pivot, "fp32", None if state.device.type == "cpu" else str(state.device))
     if t.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -236,7 +255,8 @@ def _save_target(cfg: RunConfig, name: str, what: str | None, model, tokenizer, 
 
 def _what(cfg: RunConfig, name: str) -> str:
     if name == SFT:
-        return "plain fine-tuning of the pivot (λ = 1), the SFT baseline"
+        gold = " on the gold conversations alone (not the prompt pool's answers)" if cfg.pool_paths() else ""
+        return f"plain fine-tuning of the pivot (λ = 1){gold}, the SFT baseline"
     if name == MULTI:
         return f"fusion of all sources at once (Multi baseline): {', '.join(s.path for s in cfg.sources)}"
     return f"pairwise fusion of source `{cfg.model(name).path}` into the pivot"
@@ -245,6 +265,8 @@ def _what(cfg: RunConfig, name: str) -> str:
 def model_card(cfg: RunConfig, name: str, stats: dict, what: str | None = None) -> str:
     t = cfg.train
     what = what or _what(cfg, name)
+    if start_spec(cfg, name) is not cfg.pivot:
+        what += f", starting from the implicit route's {IMPLICIT_SFT} (train.start)"
     schedule = f"{t.lambda_}" + (f" → {t.lambda_end}" if t.lambda_end is not None else "")
     return f"""---
 library_name: transformers

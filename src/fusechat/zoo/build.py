@@ -55,12 +55,12 @@ def tokenizer_corpus(seed: int = 0, template: str = "openchat") -> list[str]:
     return texts
 
 
-def build_entries(specs: list[ModelSpec]) -> None:
-    """Build the zoo models that the config entries ``specs`` name (each in its entry's folder), side by side;
-    under ``accelerate launch`` the main process builds and the others wait."""
+def build_entries(specs: list[ModelSpec], seed: int = 0) -> None:
+    """Build the zoo models that the config entries ``specs`` name (each in its entry's folder, with the run's
+    `zoo_build.seed`), side by side; under ``accelerate launch`` the main process builds and the others wait."""
     jobs = {}
     for spec in specs:
-        out, model = zoo_job(spec.zoo, Path(spec.path))
+        out, model = zoo_job(spec.zoo, Path(spec.path), seed)
         jobs[(out, model.name)] = (out, model)
     state = process_state("auto")
     if state.is_main_process and jobs:
@@ -68,9 +68,9 @@ def build_entries(specs: list[ModelSpec]) -> None:
     state.wait_for_everyone()
 
 
-def zoo_job(ref: str, folder: Path) -> tuple[Path, ZooModel]:
-    """(zoo folder, model) that builds the zoo model ``ref`` into ``folder``."""
-    found = zoo_model(ref)
+def zoo_job(ref: str, folder: Path, seed: int = 0) -> tuple[Path, ZooModel]:
+    """(zoo folder, model) that builds the zoo model ``ref`` with ``seed`` into ``folder``."""
+    found = zoo_model(ref, seed)
     if found is None:
         raise FusechatError(zoo_problem(ref))
     model = found[1]

@@ -14,7 +14,7 @@ from fusechat.rundir import read_manifest
 from fusechat.synthetic.skills import SKILLS
 
 # Where `zoo:` models go when their entry gives no path: the demo's own zoo folders, so they are reused.
-DEFAULT_ROOT = Path("fusechat-demo")
+DEFAULT_ROOT = "fusechat-demo"
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ SHARED_SEED = 500
 DESCRIBER = ZooModel("describer", "mixtral", "sp_bpe", 500, 64, 2, {"describe": 4000, "reverse": 4000},
                      steps=1500, shared=30)
 DEMO_ZOO = ZooSpec(models=(
-    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200, shared=30),
+    # The pivot, a generalist, has seen a hundred conversations of every other skill: too few to answer them
+    # (exact match 0), enough that the sources' answers teach it quickly (docs/demo.md).
+    ZooModel("pivot", "llama", "byte_bpe", 600, 96, 3, {"repeat": 3000, "capitalise": 3000}, steps=1200, shared=100),
     DESCRIBER,
     ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "convert": 4000}, steps=1500,
              shared=30),
@@ -84,12 +86,17 @@ ZOO_FOLDERS = {"demo": "zoo", "micro": "zoo-micro", "chatml": "zoo-chatml"}
 DEMO_ZOOS = ("demo", "micro")  # the zoos `fusechat demo` fuses: a pivot and sources, all through OpenChat
 
 
-def zoo_model(ref: str) -> tuple[str, ZooModel] | None:
-    """(zoo name, model) of a `zoo:` entry, or None when no zoo has it."""
+def seeded(spec: ZooSpec, seed: int) -> ZooSpec:
+    """The zoo ``spec`` built with ``seed`` (seed 0: as it is)."""
+    return replace(spec, models=tuple(replace(m, seed=seed) for m in spec.models)) if seed else spec
+
+
+def zoo_model(ref: str, seed: int = 0) -> tuple[str, ZooModel] | None:
+    """(zoo name, model) of a `zoo:` entry built with ``seed`` (`zoo_build.seed`), or None when no zoo has it."""
     zoo, _, name = ref.rpartition("/")
     spec = ZOOS.get(zoo or "demo")
     found = [m for m in spec.models if m.name == name] if spec else []
-    return (zoo or "demo", found[0]) if found else None
+    return (zoo or "demo", seeded(ZooSpec(models=(found[0],)), seed).models[0]) if found else None
 
 
 def zoo_refs() -> list[str]:
@@ -103,10 +110,11 @@ def zoo_problem(ref: str) -> str | None:
     return f"no zoo model named {ref!r} (the zoos have: {', '.join(zoo_refs())})"
 
 
-def default_folder(ref: str) -> Path:
-    """Where a zoo model goes when its entry gives no path."""
+def default_folder(ref: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Path:
+    """Where a zoo model goes when its entry gives no path: each zoo, and each seed of it, in a folder of its own."""
     zoo, _, name = ref.rpartition("/")
-    return DEFAULT_ROOT / ZOO_FOLDERS.get(zoo or "demo", "zoo") / "models" / name
+    folder = ZOO_FOLDERS.get(zoo or "demo", "zoo") + (f"-seed{seed}" if seed else "")
+    return Path(root) / folder / "models" / name
 
 
 def zoo_skills(ref: str) -> list[str]:
@@ -128,7 +136,7 @@ def is_built(folder: Path, model: ZooModel) -> bool:
     return bool(manifest.get("complete")) and manifest.get("fingerprint") == spec_hash(model)
 
 
-def entry_is_built(ref: str, folder: Path) -> bool:
-    """Whether the `zoo:` entry ``ref`` is built in ``folder``."""
-    found = zoo_model(ref)
+def entry_is_built(ref: str, folder: Path, seed: int = 0) -> bool:
+    """Whether the `zoo:` entry ``ref`` is built with ``seed`` in ``folder``."""
+    found = zoo_model(ref, seed)
     return found is not None and is_built(Path(folder), found[1])

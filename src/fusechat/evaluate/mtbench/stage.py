@@ -43,7 +43,7 @@ from fusechat.evaluate.rows import folder_rows, model_rows
 from fusechat.judges.endpoint import EndpointJudge
 from fusechat.judges.local import LocalJudge
 from fusechat.model_loading import model_path_problem, with_model
-from fusechat.progress import console, progress_bar
+from fusechat.progress import console, print_result, progress_bar
 from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, sha256_file
 
 LEDGER = "models.json"
@@ -96,9 +96,7 @@ def evaluate(rows: dict[str, tuple[str, str]], out: Path, settings: EvalConfig, 
 
     results = _results(bench, rows, answers, bits, out, judge, mt.reference)
     write_report(results, out, title)
-    from rich.markdown import Markdown
-
-    console.print(Markdown(format_markdown(results)))
+    print_result(format_markdown(results))
     console.print(f"mt-bench: {out}")
     return out
 
