@@ -7,7 +7,8 @@ FAST = ["synthetic.train={reverse: 3, add: 3, convert: 3, capitalise: 3, repeat:
         "synthetic.eval_per_skill=2", "train.max_steps=2", "train.global_batch_size=4",
         "train.per_device_batch_size=4", "eval.max_new_tokens=4",
         "implicit.sample.samples_per_prompt=2", "implicit.sample.max_new_tokens=8", "implicit.dpo.max_steps=2",
-        "implicit.dpo.global_batch_size=4", "implicit.dpo.per_device_batch_size=4"]
+        "implicit.dpo.global_batch_size=4", "implicit.dpo.per_device_batch_size=4",
+        "fuse.max_ce=null"]  # the micro zoo is barely trained: the demo's gate would hold every sequence back
 
 
 def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
@@ -62,7 +63,7 @@ def test_micro_demo_runs_the_whole_pipeline(tmp_path, capfd):
     # data of both routes; pairs built, DPO started from implicit-sft, the targets too (train.start)
     report = json.loads((run / "pairs" / "report.json").read_text())
     assert pipeline["implicit"]["pairs"] == report["pairs"] > 0
-    assert report["answers"] == 8 * 1 * 3 and set(report["per_model"]) == {"pivot", "describer", "converter"}
+    assert report["answers"] == 8 * 2 * 3 and set(report["per_model"]) == {"pivot", "describer", "converter"}
     prepared = json.loads((run / "prepared" / "manifest.json").read_text())
     assert prepared["counts"]["kept"] == 21 + report["sft"]
     assert "starting from the implicit route's implicit-sft" in (run / "targets" / "describer" / "README.md").read_text()

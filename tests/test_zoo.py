@@ -106,8 +106,10 @@ def test_the_template_choice_keeps_the_fingerprint_of_openchat_models_and_the_de
     from fusechat.errors import FusechatError
     from fusechat.zoo.catalog import CHATML_ZOO, DESCRIBER, spec_hash
 
-    without_template = {k: v for k, v in dataclasses.asdict(DESCRIBER).items() if k != "template"}
-    assert spec_hash(DESCRIBER) == stable_hash(without_template)  # zoos built before the field stay valid
+    # zoos built before the template and the train-until fields stay valid while those keep their defaults
+    added = ("template", "until", "more_steps", "max_rounds")
+    assert spec_hash(DESCRIBER) == stable_hash({k: v for k, v in dataclasses.asdict(DESCRIBER).items()
+                                                if k not in added})
     chatml = CHATML_ZOO.models[0]
     assert chatml.template == "chatml" and dataclasses.replace(chatml, template="openchat") == DESCRIBER
     assert spec_hash(chatml) != spec_hash(DESCRIBER)
@@ -140,3 +142,22 @@ def test_a_zoo_seed_is_another_build_in_a_folder_of_its_own(tmp_path):
                                              for n in ("describer", "forecaster", "calculator")]
     raw = yaml.safe_load((tmp_path / "out" / "demo.yaml").read_text())
     assert raw["zoo_build"]["root"] == str(tmp_path / "out")
+
+
+def test_a_zoo_model_trains_on_until_it_masters_its_exact_skills_or_runs_out_of_rounds(tmp_path):
+    import dataclasses
+
+    from fusechat.zoo.build import build_model, specialty_match
+    from fusechat.zoo.catalog import spec_hash
+
+    # A one-layer model never reaches exact match 1.1: it trains its rounds, each recorded with its exact match.
+    model = ZooModel("converter", "gpt2", "char", 0, 16, 1, {"convert": 8}, steps=2, batch_size=4, until=1.1,
+                     more_steps=1, max_rounds=2)
+    folder = build_model(tmp_path, model)
+    rounds = json.loads((folder / "manifest.json").read_text())["rounds"]
+    assert [(r["round"], r["steps"]) for r in rounds] == [(0, 2), (1, 1), (2, 1)]
+    assert rounds[-1]["exact_match"] == specialty_match(folder, model)  # the saved model is the last round's
+    # no `until`, no check
+    plain = dataclasses.replace(model, until=None, more_steps=400, max_rounds=3)
+    assert json.loads((build_model(tmp_path / "plain", plain) / "manifest.json").read_text())["rounds"] == []
+    assert spec_hash(model) != spec_hash(plain)

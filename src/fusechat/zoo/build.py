@@ -30,9 +30,11 @@ from fusechat.config import ModelSpec, load_config
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
+from fusechat.evaluate.items import parse_item
+from fusechat.evaluate.stage import evaluate_models
 from fusechat.progress import console, detail_prefix
 from fusechat.rundir import build_output, read_manifest
-from fusechat.synthetic.skills import SKILLS, conversations
+from fusechat.synthetic.skills import SKILLS, conversations, eval_items
 from fusechat.train.targets import train_target
 from fusechat.zoo.architectures import build_model as init_model
 from fusechat.zoo.catalog import DEMO_ZOO, SHARED_SEED, ZooModel, ZooSpec, is_built, spec_hash, zoo_model, zoo_problem
@@ -162,25 +164,13 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
                           eos=TEMPLATE_TOKENS[model.template][1], chat_template=BUILTIN_TEMPLATES[model.template].jinja)
     init_model(model.arch, tok, out_dir=work / "init", seed=model.seed, hidden=model.hidden, layers=model.layers,
                heads=4, max_positions=512)
-    config = {
-        "run_dir": str(work / "run"),
-        "pivot": {"name": model.name, "path": str(work / "init")},
-        "sources": [{"name": "itself", "path": str(work / "init")}],
-        "data": {"paths": [str(data)]},
-        "prepare": {"template": model.template, "max_length": model.max_length},
-        "train": {"lambda": 1.0, "max_steps": model.steps, "learning_rate": model.learning_rate,
-                  "global_batch_size": model.batch_size, "per_device_batch_size": model.batch_size,
-                  "warmup_ratio": 0.05, "lr_scheduler": "cosine", "logging_steps": max(1, model.steps // 5),
-                  "save_steps": model.steps, "report_to": ["none"], "seed": model.seed},
-    }
-    (work / "run.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(work / "run.yaml")
     with detail_prefix(f"zoo {model.name}, "):
-        prepare.run(cfg)
-        trained = train_target(cfg, "sft")
+        trained = _train(work, "run", model, work / "init", data, model.steps, "cosine", model.seed)
+        rounds = _train_until(work, model, data, trained)
+    trained = rounds[-1]["folder"] if rounds else trained
     trained_manifest = read_manifest(trained) or {}
-    with build_output(folder, "zoo", fingerprint, started, spec=asdict(model),
-                      train=trained_manifest.get("train_loss")) as building:
+    with build_output(folder, "zoo", fingerprint, started, spec=asdict(model), train=trained_manifest.get("train_loss"),
+                      rounds=[{k: v for k, v in r.items() if k != "folder"} for r in rounds]) as building:
         for f in trained.iterdir():
             if f.is_file() and f.name not in ("manifest.json", "README.md"):
                 shutil.copyfile(f, building.folder / f.name)
@@ -193,3 +183,55 @@ def build_model(out: Path, model: ZooModel, force: bool = False) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     console.print(f"zoo {model.name}: built in {time.time() - started:.0f} s → {folder}")
     return folder
+
+
+def _train(work: Path, run: str, model: ZooModel, start: Path, data: Path, steps: int, schedule: str,
+           seed: int) -> Path:
+    """``steps`` of plain fine-tuning (λ = 1) of the model at ``start`` on ``data``, through the model's template."""
+    config = {
+        "run_dir": str(work / run),
+        "pivot": {"name": model.name, "path": str(start)},
+        "sources": [{"name": "itself", "path": str(start)}],
+        "data": {"paths": [str(data)]},
+        "prepare": {"template": model.template, "max_length": model.max_length},
+        "train": {"lambda": 1.0, "max_steps": steps, "learning_rate": model.learning_rate,
+                  "global_batch_size": model.batch_size, "per_device_batch_size": model.batch_size,
+                  "warmup_ratio": 0.05 if schedule == "cosine" else 0.0, "lr_scheduler": schedule,
+                  "logging_steps": max(1, steps // 5), "save_steps": steps, "report_to": ["none"], "seed": seed},
+    }
+    (work / f"{run}.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(work / f"{run}.yaml")
+    prepare.run(cfg)
+    return train_target(cfg, "sft")
+
+
+# The held-out items a zoo model is checked on: drawn apart from the demo's evaluation items (seed 0).
+CHECK_SEED, CHECK_ITEMS = 7, 60
+
+
+def specialty_match(folder: Path, model: ZooModel) -> float | None:
+    """Mean exact match of the model at ``folder`` on held-out items of its exact specialties (None: it has none)."""
+    exact = [s for s in model.skills if SKILLS[s].kind == "exact"]
+    if not exact:
+        return None
+    items = [parse_item(json.dumps(it)) for s in exact for it in eval_items(s, CHECK_ITEMS, seed=CHECK_SEED)]
+    table = evaluate_models({model.name: str(folder)}, items, max_new_tokens=24, batch_size=64)
+    return table["exact_match"][model.name]["average"]
+
+
+def _train_until(work: Path, model: ZooModel, data: Path, trained: Path) -> list[dict]:
+    """With ``model.until``: more rounds of ``model.more_steps`` (constant learning rate) while its exact match on
+    its exact specialties is below ``until``; each round as {round, steps, exact_match, folder}."""
+    if model.until is None:
+        return []
+    rounds = [{"round": 0, "steps": model.steps, "exact_match": specialty_match(trained, model), "folder": trained}]
+    while rounds[-1]["exact_match"] is not None and rounds[-1]["exact_match"] < model.until \
+            and len(rounds) <= model.max_rounds:
+        k = len(rounds)
+        console.print(f"zoo {model.name}: exact match {rounds[-1]['exact_match']:.2f} < {model.until} on its "
+                      f"specialties; {model.more_steps} more steps (round {k})")
+        trained = _train(work, f"run{k}", model, rounds[-1]["folder"], data, model.more_steps, "constant",
+                         model.seed + k)
+        rounds.append({"round": k, "steps": model.more_steps, "exact_match": specialty_match(trained, model),
+                       "folder": trained})
+    return rounds

@@ -33,6 +33,11 @@ class ZooModel:
     shared: int = 0  # conversations of every other skill, from the shared mixture
     max_length: int = 256  # tokens per conversation in training
     template: str = "openchat"  # the built-in chat template it is trained through (fusechat.zoo.build.TEMPLATE_TOKENS)
+    # Train on, `more_steps` at a time (at most `max_rounds` times), until its exact match on held-out items of
+    # its exact specialties reaches `until`: a skill learnt all at once comes at a different step in each build.
+    until: float | None = None
+    more_steps: int = 400
+    max_rounds: int = 3
 
     def training_mix(self) -> dict[str, int]:
         """Skill -> conversations: the specialties, then the shared mixture's other skills."""
@@ -64,7 +69,8 @@ DEMO_ZOO = ZooSpec(models=(
     ZooModel("forecaster", "qwen2", "byte_bpe", 900, 96, 2, {"forecast": 4000, "convert": 4000}, steps=1500,
              shared=30),
     # Character-level addition is learnt all at once, after about 75,000 examples: batches of 64.
-    ZooModel("calculator", "gpt2", "char", 0, 96, 3, {"add": 6000}, steps=1200, batch_size=64, shared=10),
+    ZooModel("calculator", "gpt2", "char", 0, 96, 3, {"add": 6000}, steps=1200, batch_size=64, shared=10,
+             until=0.9),
 ))
 
 # A zoo of the smallest models that still exercise every stage: the whole pipeline in about a minute.
@@ -125,8 +131,10 @@ def zoo_skills(ref: str) -> list[str]:
 
 def spec_hash(model: ZooModel) -> str:
     fields = asdict(model)
-    if fields["template"] == "openchat":
-        del fields["template"]  # the fingerprint of a model built before templates were a choice
+    # Fields added since the first zoo leave the fingerprints of models that keep their defaults as they were.
+    for key, default in (("template", "openchat"), ("until", None), ("more_steps", 400), ("max_rounds", 3)):
+        if fields[key] == default:
+            del fields[key]
     return stable_hash(fields)
 
 
