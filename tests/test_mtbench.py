@@ -594,6 +594,7 @@ def test_cli_models_with_endpoint_judge(api, tiny, bench_dir, tmp_path):
     (["eval", "--models", "m", "--benchmark", "bleu"], "--benchmark must be one of items, mt-bench"),
     (["eval", "--models", "m", "--data", "x.jsonl", "--judge", "j"], "--judge and --judge-endpoint go with MT-Bench"),
     (["eval", "--models", "m", "--benchmark", "mt-bench", "--data", "x.jsonl"], "--data goes with the items"),
+    (["eval", "--models", "m", "--benchmark", "humaneval", "--judge", "j"], "--judge and --judge-endpoint go with"),
 ])
 def test_cli_mt_bench_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

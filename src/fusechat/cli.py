@@ -94,9 +94,14 @@ def eval_(
                                                 show_default=False)] = None,
     benchmark: Annotated[
         str | None,
-        typer.Option("--benchmark", help="Run only this benchmark: items (eval.data or --data) or mt-bench "
-                                         "(docs/mt-bench.md).", show_default=False),
+        typer.Option("--benchmark", help="Run only this benchmark: items (eval.data or --data), mt-bench "
+                                         "(docs/mt-bench.md) or humaneval (docs/humaneval.md).", show_default=False),
     ] = None,
+    allow_code_execution: Annotated[
+        bool,
+        typer.Option("--allow-code-execution", help="Let HumanEval run the models' code, each program alone in a "
+                                                    "sandbox (docs/code-execution.md).", show_default=False),
+    ] = False,
     judge: Annotated[
         str | None,
         typer.Option("--judge", help="MT-Bench judge: a local chat model folder or hub:org/name; with --judge-endpoint, "
@@ -116,6 +121,7 @@ def eval_(
             raise FusechatError(_EVAL_USAGE)
         cfg = _load(Path(positional[0]), set_)
         _set_judge(cfg.eval, judge, judge_endpoint, benchmark)
+        cfg.eval.humaneval.allow_code_execution |= allow_code_execution
         _stage("eval", cfg, force, benchmark=benchmark)
         return
     # Click gives an option one value: the other folders of `--models A B` arrive as positionals.
@@ -124,6 +130,7 @@ def eval_(
         raise FusechatError(f"give either a run CONFIG ({configs[0]}) or --models, not both")
     settings = eval_settings(set_ or [])
     _set_judge(settings, judge, judge_endpoint, benchmark)
+    settings.humaneval.allow_code_execution |= allow_code_execution
     evaluate_folders([*models, *positional], out or Path("fusechat-eval"), settings, data, benchmark, force)
 
 
@@ -131,7 +138,7 @@ def _set_judge(settings, judge: str | None, endpoint: str | None, benchmark: str
     """Put --judge and --judge-endpoint into the eval settings; they only go with MT-Bench."""
     if judge is None and endpoint is None:
         return
-    if benchmark == "items" or (benchmark is None and "mt-bench" not in settings.benchmarks):
+    if benchmark not in (None, "mt-bench") or (benchmark is None and "mt-bench" not in settings.benchmarks):
         raise FusechatError("--judge and --judge-endpoint go with MT-Bench: add --benchmark mt-bench "
                             "(or list mt-bench in eval.benchmarks)")
     if judge is not None:
@@ -143,7 +150,7 @@ def _set_judge(settings, judge: str | None, endpoint: str | None, benchmark: str
 _EVAL_USAGE = (
     "give exactly one of: a run CONFIG (`fusechat eval run.yaml`), or model folders with their items "
     "(`fusechat eval --models A B --data items.jsonl [--out DIR]`) or with MT-Bench "
-    "(`fusechat eval --models A B --benchmark mt-bench [--out DIR]`); --data and --out go with --models"
+    "(`fusechat eval --models A B --benchmark mt-bench|humaneval [--out DIR]`); --data and --out go with --models"
 )
 
 

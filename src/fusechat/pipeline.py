@@ -26,7 +26,9 @@ from fusechat.config import (
     load_config,
 )
 from fusechat.errors import ConfigError, DiskError, disk_errno
+from fusechat.evaluate.humaneval.problems import load_problems
 from fusechat.gguf_models import converted_folder, ensure_converted, is_converted, source_problem
+from fusechat.judges.execution import ALLOW_ENV, execution_allowed
 from fusechat.merge.registry import METHODS, check_merge_settings
 from fusechat.model_loading import model_path_problem, reward_model_problem
 from fusechat.progress import console, stage_line
@@ -34,6 +36,7 @@ from fusechat.rundir import RunDir, remove_dead_temporaries, run_lock
 from fusechat.stages import stage as stage_record
 from fusechat.stages import stages_of_route
 from fusechat.synthetic.checker import skill_checker
+from fusechat.synthetic.code_tasks import write_code_tasks
 from fusechat.synthetic.mixture import ensure_synthetic, synthetic_problems
 
 ZOO_CATALOG = "fusechat.zoo.catalog"  # plain data: read for configs with `zoo:` entries
@@ -99,6 +102,7 @@ def run_problems(cfg: RunConfig) -> list[str]:
     """What a valid config still lacks to run here: data files, model folders, model packages."""
     problems = []
     generated = {str(f) for f in [*cfg.synthetic.files(), cfg.synthetic.prompts_file()]} if cfg.synthetic else set()
+    generated |= {str(f) for f in cfg.code_tasks.files()} if cfg.code_tasks else set()
     for field, paths in (("paths", cfg.data.paths), ("prompts", cfg.data.prompts)):
         for i, p in enumerate(paths):
             if Path(p).exists() or str(Path(p)) in generated:
@@ -121,6 +125,11 @@ def run_problems(cfg: RunConfig) -> list[str]:
         problem = reward_model_problem(score.reward_model)
         if problem:
             problems.append(f"implicit.score.reward_model: {problem}")
+    if (cfg.implicit_route or cfg.pool_paths()) and score.scorer == "execution" and not execution_allowed(
+            score.allow_code_execution):
+        problems.append(f"implicit.score.scorer execution runs the answers' code, which fusechat does only when "
+                        f"you allow it: set implicit.score.allow_code_execution: true or {ALLOW_ENV}=1 "
+                        "(docs/code-execution.md)")
     return problems
 
 
@@ -153,6 +162,8 @@ def make_ready(cfg: RunConfig) -> None:
     with run_lock(cfg.run_dir):
         RunDir(cfg.run_dir).save_config(cfg.to_yaml())
     ensure_synthetic(cfg)
+    if cfg.code_tasks is not None:
+        write_code_tasks(cfg.code_tasks, load_problems(cfg.eval.humaneval.data))
     seed = cfg.zoo_build.seed
     unbuilt = [s for s in cfg.models
                if s.zoo is not None and not zoo_catalog().entry_is_built(s.zoo, Path(s.path), seed)]

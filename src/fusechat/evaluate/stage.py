@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fusechat.config import EvalConfig, RunConfig, stable_hash
 from fusechat.errors import DataError, FusechatError
+from fusechat.evaluate.humaneval import humaneval_folders, run_humaneval
 from fusechat.evaluate.items import EvalItem, entropy_floors, exact_match, load_items, skills_of
 from fusechat.evaluate.mtbench import mt_bench_folders, run_mt_bench
 from fusechat.evaluate.pipeline_report import pipeline_summary
@@ -118,7 +119,7 @@ def load_all_items(paths: list[str]) -> list[EvalItem]:
     return items
 
 
-BENCHMARKS = ("items", "mt-bench")
+BENCHMARKS = ("items", "mt-bench", "humaneval")
 
 
 def chosen_benchmarks(settings: EvalConfig, benchmark: str | None, has_items: bool) -> list[str]:
@@ -133,14 +134,17 @@ def chosen_benchmarks(settings: EvalConfig, benchmark: str | None, has_items: bo
 def run(cfg: RunConfig, force: bool = False, benchmark: str | None = None) -> Path:
     """Evaluate the run's models on ``eval.data`` into ``<run_dir>/eval/`` and on ``eval.benchmarks``.
 
-    ``benchmark`` runs that one only: ``items`` (``eval.data``) or ``mt-bench``
-    (into ``<run_dir>/eval/mt_bench/``, see docs/mt-bench.md).
+    ``benchmark`` runs that one only: ``items`` (``eval.data``), ``mt-bench``
+    (into ``<run_dir>/eval/mt_bench/``, see docs/mt-bench.md) or ``humaneval``
+    (into ``<run_dir>/eval/humaneval/``, see docs/humaneval.md).
     """
     wanted = chosen_benchmarks(cfg.eval, benchmark, bool(cfg.eval.data))
     if "items" in wanted:
         run_items(cfg, force)
     if "mt-bench" in wanted:
         run_mt_bench(cfg, force=force)
+    if "humaneval" in wanted:
+        run_humaneval(cfg, force=force)
     return RunDir(cfg.run_dir).stage("eval")
 
 
@@ -173,15 +177,16 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
     with build_output(out, "eval", fingerprint, started, models=results["models"], data=list(cfg.eval.data),
                       items=len(items), settings=cfg.eval.model_dump(mode="json")) as building:
         write_outputs(building.folder, results, records, f"fusechat eval: {Path(cfg.run_dir).name}")
-        if (out / "mt_bench").is_dir():  # the benchmark's answers and judgments outlive a redone items eval
-            shutil.copytree(out / "mt_bench", building.folder / "mt_bench")
+        for kept in ("mt_bench", "humaneval"):  # the benchmarks' answers outlive a redone items eval
+            if (out / kept).is_dir():
+                shutil.copytree(out / kept, building.folder / kept)
     show(results, out)
     return out
 
 
 def eval_fingerprint(cfg: RunConfig, rows: list[Row]) -> str:
     # The benchmarks' settings are left out: they do not change the items' scores.
-    items_settings = cfg.eval.model_dump(mode="json", by_alias=True, exclude={"benchmarks", "mt_bench"})
+    items_settings = cfg.eval.model_dump(mode="json", by_alias=True, exclude={"benchmarks", "mt_bench", "humaneval"})
     payload = {"data": [sha256_file(p) for p in cfg.eval.data],
                "models": [[r.name, r.path, r.identity] for r in rows],
                "eval": stable_hash({"eval": items_settings})}
@@ -218,7 +223,7 @@ def evaluate_folders(paths: list[str], out: str | Path, settings: EvalConfig | N
     if "items" in wanted and data is None:
         raise FusechatError("--models needs --data FILE: the evaluation items (JSONL, see docs/eval.md)")
     if "items" not in wanted and data is not None:
-        raise FusechatError("--data goes with the items benchmark, not with --benchmark mt-bench")
+        raise FusechatError(f"--data goes with the items benchmark, not with --benchmark {benchmark}")
     out = Path(out)
     if "items" in wanted:
         models = {r.name: r.path for r in folder_rows(paths)}
@@ -229,4 +234,6 @@ def evaluate_folders(paths: list[str], out: str | Path, settings: EvalConfig | N
         show(results, out)
     if "mt-bench" in wanted:
         mt_bench_folders(paths, out, settings, force=force)
+    if "humaneval" in wanted:
+        humaneval_folders(paths, out, settings, force=force)
     return out

@@ -59,6 +59,8 @@ def _scorer_identity(cfg: RunConfig, checker: Checker | None) -> dict:
             raise FusechatError(f"implicit.score.reward_model: {problem}")
         return {"reward_model": s.reward_model, "config": sha256_file(Path(s.reward_model) / "config.json"),
                 "dtype": s.dtype}
+    if s.scorer == "execution":
+        return {"execution_timeout_s": s.execution_timeout_s}
     return {"judge": s.judge, "endpoint": s.judge_endpoint, "max_new_tokens": s.judge_max_new_tokens}
 
 

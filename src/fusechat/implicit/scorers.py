@@ -6,20 +6,25 @@
 - ``RewardModelScorer``: a sequence classifier with one label, reading the
   conversation through its own chat template;
 - ``JudgeScorer``: a chat model (local or behind an OpenAI-compatible endpoint)
-  asked for a 1-10 rating; a reply without one leaves the answer unscored (NaN).
+  asked for a 1-10 rating; a reply without one leaves the answer unscored (NaN);
+- ``ExecutionScorer``: the answer's code run against the prompt's tests in the
+  sandbox, only when the user allows running model-written code.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from fusechat.config import ScoreConfig
 from fusechat.errors import DataError, FusechatError
 from fusechat.generation import ChatEncoder, pad_batch
 from fusechat.implicit.prompts import Prompt
 from fusechat.judges.endpoint import EndpointJudge
+from fusechat.judges.execution import Limits, code_of, passes_tests, require_allowed
 from fusechat.judges.local import LocalJudge
 from fusechat.model_loading import (
     TORCH_DTYPES,
@@ -135,6 +140,28 @@ def parse_rating(reply) -> float:
     return float(found[-1]) if found else math.nan
 
 
+class ExecutionScorer:
+    """1.0 when the code of the answer (its first fenced code block, else all of it) passes the prompt's tests
+    (the ``tests`` field of its record: asserts, or any program), else 0.0; each program alone in the sandbox."""
+
+    def __init__(self, s: ScoreConfig):
+        require_allowed("implicit.score.scorer execution", s.allow_code_execution)
+        self.limits = Limits(cpu_s=max(1, int(s.execution_timeout_s)), wall_s=s.execution_timeout_s)
+
+    def score(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
+        for p in prompts:
+            if not isinstance(p.meta.get("tests"), str) or not p.meta["tests"].strip():
+                raise DataError(f"{p.where()}: field 'tests' is missing or empty: the execution scorer runs an "
+                                "answer's code against its prompt's tests (a string of Python, e.g. asserts)")
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            outcomes = pool.map(lambda pa: passes_tests(code_of(pa[1]), pa[0].meta["tests"], self.limits),
+                                zip(prompts, answers))
+            return [1.0 if o.passed else 0.0 for o in outcomes]
+
+    def close(self) -> None:
+        pass
+
+
 def make_scorer(s: ScoreConfig, checker: Checker | None):
     if s.scorer == "checker":
         if checker is None:
@@ -144,4 +171,6 @@ def make_scorer(s: ScoreConfig, checker: Checker | None):
         return CheckerScorer(checker)
     if s.scorer == "reward_model":
         return RewardModelScorer(s.reward_model, s)
+    if s.scorer == "execution":
+        return ExecutionScorer(s)
     return JudgeScorer(s)

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fusechat.errors import DataError, FusechatError
+from fusechat.evaluate.jsonl import append_records, read_records, require_fields
 from fusechat.evaluate.mtbench.data import (
     FASTCHAT_TEMPERATURE,
     GREEDY_BELOW,
     TURNS,
     Question,
 )
-from fusechat.evaluate.mtbench.jsonl import append_records, read_records, require_fields
 from fusechat.generation import ChatEncoder, batches, generate_replies
 
 ANSWER_FIELDS = ("question_id", "answer_id", "model_id", "choices", "tstamp")

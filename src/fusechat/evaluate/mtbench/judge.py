@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fusechat.errors import DataError, FusechatError
+from fusechat.evaluate.jsonl import append_records, read_records, require_fields
 from fusechat.evaluate.mtbench.answers import answer_turns
 from fusechat.evaluate.mtbench.data import TURNS, Benchmark
-from fusechat.evaluate.mtbench.jsonl import append_records, read_records, require_fields
 from fusechat.evaluate.mtbench.prompts import (
     NO_RATING,
     JudgeRequest,

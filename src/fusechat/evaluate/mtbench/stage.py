@@ -16,13 +16,13 @@ from pathlib import Path
 
 from fusechat.config import EvalConfig, RunConfig, redacted_url
 from fusechat.errors import FusechatError
+from fusechat.evaluate.jsonl import read_records
 from fusechat.evaluate.mtbench.answers import (
     answer_path,
     answer_questions,
     read_answers,
 )
 from fusechat.evaluate.mtbench.data import Benchmark, load_benchmark, locate
-from fusechat.evaluate.mtbench.jsonl import read_records
 from fusechat.evaluate.mtbench.judge import (
     judge_name,
     judge_requests,

