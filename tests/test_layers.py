@@ -26,7 +26,7 @@ LAYERS = {
               "fusechat.implicit.pairs", "fusechat.implicit.prompts", "fusechat.implicit.scorers",
               "fusechat.implicit.work", "fusechat.implicit.wrpo", "fusechat.synthetic*"],
     "stages": ["fusechat.pivot_answers", "fusechat.prepare", "fusechat.represent", "fusechat.align", "fusechat.align.stage", "fusechat.fuse",
-               "fusechat.train", "fusechat.train.targets", "fusechat.train.parallel", "fusechat.merge",
+               "fusechat.train", "fusechat.train.targets", "fusechat.train.parallel", "fusechat.train.gold", "fusechat.merge",
                "fusechat.merge.stage",
                "fusechat.evaluate", "fusechat.evaluate.stage", "fusechat.evaluate.mtbench",
                "fusechat.evaluate.mtbench.stage", "fusechat.evaluate.humaneval",

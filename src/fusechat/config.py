@@ -38,6 +38,7 @@ WHEEL_REQ_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+
 HUB_PREFIX = "hub:"
 # The targets that are no source's: folders under targets/ and rows of the table.
 SFT, MULTI, IMPLICIT_SFT, IMPLICIT_DPO = "sft", "multi", "implicit-sft", "implicit-dpo"
+GOLD = "gold"  # TRL's GOLD distillation: targets/gold-<source>, and their merge merged/gold
 # Names a model may not take: they already name those targets (the merge methods' names are refused
 # too, by `fusechat.pipeline.merge_problems`, which reads them from the merge registry).
 RESERVED_NAMES = {
@@ -45,6 +46,7 @@ RESERVED_NAMES = {
     MULTI: "the Multi baseline's fused set and target (fuse/multi, targets/multi)",
     IMPLICIT_SFT: "the implicit route's SFT target (targets/implicit-sft)",
     IMPLICIT_DPO: "the implicit route's DPO target (targets/implicit-dpo)",
+    GOLD: "the GOLD baseline's merge (merged/gold)",
 }
 
 
@@ -340,8 +342,13 @@ class TrainConfig(Section):
     keep_checkpoints: bool = Field(False, description="Keep the checkpoints once the target is saved.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Trainer loggers.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    baselines: list[Literal["sft", "multi"]] = Field(
-        default_factory=list, description="Also train these on the same data: sft (λ = 1), multi (all sources at once)."
+    baselines: list[Literal["sft", "multi", "gold"]] = Field(
+        default_factory=list, description="Also train these on the same data: sft (λ = 1), multi (all sources at once), "
+        "gold (TRL's GOLD cross-tokenizer distillation, one target per source of `gold_sources`, then merged)."
+    )
+    gold_sources: list[str] | None = Field(
+        None, description="With the gold baseline: the sources distilled by GOLD (default: every source). GOLD "
+        "aligns byte-level BPE tokenizers only."
     )
     sft: SftSchedule = Field(
         default_factory=SftSchedule, description="The SFT models' own epochs, steps or learning rate, where they "
@@ -661,6 +668,24 @@ class RunConfig(Section):
                 raise ValueError(f"merge.targets[{i}] {name!r} is not a target of this run (targets: "
                                  f"{', '.join(known)})")
         return self
+
+    @model_validator(mode="after")
+    def _gold_sources_are_sources(self) -> RunConfig:
+        known = [s.name for s in self.sources]
+        for i, name in enumerate(self.train.gold_sources or []):
+            if name not in known:
+                raise ValueError(f"train.gold_sources[{i}] {name!r} is not a source of this run (sources: "
+                                 f"{', '.join(known)})")
+        if self.train.gold_sources is not None and GOLD not in self.train.baselines:
+            raise ValueError("train.gold_sources goes with the gold baseline: add gold to train.baselines")
+        return self
+
+    def gold_targets(self) -> list[str]:
+        """The GOLD baseline's targets, ``gold-<source>`` (none without it)."""
+        if GOLD not in self.train.baselines:
+            return []
+        sources = self.train.gold_sources if self.train.gold_sources is not None else [s.name for s in self.sources]
+        return [f"{GOLD}-{name}" for name in sources]
 
     def pool_paths(self) -> list[str]:
         """The prompt pool's files: `data.prompts`, then the synthetic prompts when `synthetic.prompts` asks for some."""

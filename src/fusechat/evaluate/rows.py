@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusechat.config import IMPLICIT_DPO, IMPLICIT_SFT, MULTI, SFT, RunConfig
+from fusechat.config import GOLD, IMPLICIT_DPO, IMPLICIT_SFT, MULTI, SFT, RunConfig
 from fusechat.errors import FusechatError
 from fusechat.model_loading import model_hash, row_spec
 from fusechat.progress import console
@@ -29,10 +29,11 @@ def model_rows(cfg: RunConfig) -> list[Row]:
     rundir = RunDir(cfg.run_dir)
     sources = [s.name for s in cfg.sources]
     plain = (SFT, MULTI, IMPLICIT_SFT, IMPLICIT_DPO)  # targets that are no source's: rows named as their folders
-    for folder in _complete_folders(rundir.stage("train"), [*sources, *plain]):
-        label = folder.name if folder.name in plain else f"target-{folder.name}"
+    for folder in _complete_folders(rundir.stage("train"), [*sources, *plain, *cfg.gold_targets()]):
+        label = f"target-{folder.name}" if folder.name in sources else folder.name
         rows.append(Row(label, str(folder), read_manifest(folder)["fingerprint"], "target"))
-    for folder in _complete_folders(rundir.stage("merge"), [cfg.merge.method, *cfg.merge.baselines]):
+    merges = [cfg.merge.method, *cfg.merge.baselines, *([GOLD] if len(cfg.gold_targets()) > 1 else [])]
+    for folder in _complete_folders(rundir.stage("merge"), merges):
         if folder.name in SKIPPED_MERGE_FOLDERS:
             continue
         manifest = read_manifest(folder)
@@ -57,6 +58,9 @@ def row_notes(cfg: RunConfig, names: list[str]) -> dict[str, str]:
                        else "plain fine-tuning of the pivot on each prompt's best sampled answer"),
         IMPLICIT_DPO: "implicit-sft, then DPO on pairs of sampled answers",
         **{f"target-{s.name}": f"the pivot fused with {s.name}'s distributions, on {data}" for s in cfg.sources},
+        **{g: f"TRL's GOLD: the pivot distilled from {g[len(GOLD) + 1:]} (offline, hybrid ULD loss), on {data}"
+           for g in cfg.gold_targets()},
+        GOLD: f"the GOLD targets merged with {cfg.merge.method}",
     }
     return {name: notes[name] for name in names if name in notes}
 

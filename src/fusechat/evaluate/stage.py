@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fusechat.config import EvalConfig, RunConfig, stable_hash
+from fusechat.config import GOLD, EvalConfig, RunConfig, stable_hash
 from fusechat.errors import DataError, FusechatError
 from fusechat.evaluate.humaneval import humaneval_folders, run_humaneval
 from fusechat.evaluate.items import EvalItem, entropy_floors, exact_match, load_items, skills_of
@@ -167,7 +167,7 @@ def run_items(cfg: RunConfig, force: bool = False) -> Path:
     source_skills = {s.name: sorted(s.skills) for s in cfg.sources if s.skills}
     if source_skills:
         results["source_skills"] = source_skills
-    merges = [r.name for r in rows if r.kind == "merge"]
+    merges = [r.name for r in rows if r.kind == "merge" and r.name != GOLD]  # the GOLD merge has no fused targets
     if merges:
         results["merge_method"] = cfg.merge.method
         results["retention"] = retention(results["bits_per_byte"], source_skills, merges)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fusechat.config import RunConfig, stable_hash
+from fusechat.config import GOLD, RunConfig, stable_hash
 from fusechat.errors import FusechatError
 from fusechat.merge.analysis import write_analysis
 from fusechat.merge.methods import mean_variation, varm_weights, weighted_sum
@@ -49,9 +49,9 @@ def model_folder(path: str, label: str) -> Path:
 class Inputs:
     """The pivot and the targets, checked to be the same architecture tensor by tensor."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, names: list[str] | None = None):
         rundir = RunDir(cfg.run_dir)
-        self.names = merge_targets(cfg)
+        self.names = names or merge_targets(cfg)
         if len(self.names) < 2:
             raise FusechatError(f"merging needs at least two targets, got {self.names}")
         self.target_dirs = []
@@ -126,6 +126,12 @@ def run(cfg: RunConfig, force: bool = False, analyze: bool = False) -> list[Path
             outs.append(write_analysis(cfg, inputs))
     finally:
         inputs.close()
+    if len(cfg.gold_targets()) > 1:  # the GOLD baseline's targets, merged as the run's targets are
+        gold = Inputs(cfg, cfg.gold_targets())
+        try:
+            outs.append(merge_one(cfg, gold, cfg.merge.method, force, folder=GOLD))
+        finally:
+            gold.close()
     return outs
 
 
@@ -143,13 +149,14 @@ def group_weights(inputs: Inputs, kind: str, granularity: str) -> dict[str, list
     return {g: varm_weights([s / counts[g] for s in v]) for g, v in sums.items()}
 
 
-def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False) -> Path:
+def merge_one(cfg: RunConfig, inputs: Inputs, name: str, force: bool = False, folder: str | None = None) -> Path:
+    """Merge ``inputs`` with the method ``name`` into ``merged/<folder or name>/``."""
     try:
         method = merge_method_named(name)
         settings = method.settings(cfg.merge.params.get(name) or {}, len(inputs.targets))
     except ValueError as e:
         raise FusechatError(str(e)) from None
-    out = RunDir(cfg.run_dir).stage("merge", name)
+    out = RunDir(cfg.run_dir).stage("merge", folder or name)
     payload = {"pivot": inputs.base_path, "targets": inputs.fingerprints, "method": name, "settings": settings,
                "seed": cfg.merge.seed}
     fingerprint = stable_hash(payload)

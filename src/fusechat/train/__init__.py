@@ -9,6 +9,7 @@ from pathlib import Path
 from fusechat.config import IMPLICIT_DPO, IMPLICIT_SFT, RunConfig
 from fusechat.errors import FusechatError
 from fusechat.implicit.train import implicit_targets, train_implicit
+from fusechat.train.gold import train_gold
 from fusechat.train.parallel import parallel_workers, train_side_by_side
 from fusechat.train.targets import baseline_config, explicit_targets, train_target
 
@@ -24,6 +25,8 @@ def train_one(cfg: RunConfig, name: str, force: bool = False) -> Path:
     """Train (or skip when complete) the target ``name``."""
     if name in implicit_targets(cfg):
         return train_implicit(cfg, name, force)
+    if name in cfg.gold_targets():
+        return train_gold(cfg, name, force)
     return train_target(baseline_config(cfg, name) if name in cfg.train.baselines else cfg, name, force)
 
 

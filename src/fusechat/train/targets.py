@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fusechat.config import IMPLICIT_SFT, MULTI, SFT, ModelSpec, RunConfig, TrainConfig, stable_hash
+from fusechat.config import GOLD, IMPLICIT_SFT, MULTI, SFT, ModelSpec, RunConfig, TrainConfig, stable_hash
 from fusechat.data.templates import BUILTIN_TEMPLATES
 from fusechat.distributed import process_state
 from fusechat.errors import FusechatError
@@ -41,7 +41,8 @@ def explicit_targets(cfg: RunConfig) -> list[str]:
         names = [MULTI]
     else:
         names = [s.name for s in cfg.sources]
-    return list(dict.fromkeys(names + cfg.train.baselines))
+    baselines = [b for b in cfg.train.baselines if b != GOLD]
+    return list(dict.fromkeys(names + baselines + cfg.gold_targets()))
 
 
 def baseline_config(cfg: RunConfig, name: str) -> RunConfig:
@@ -127,7 +128,7 @@ def train_target(cfg: RunConfig, name: str, force: bool = False, prepared=None, 
     # The Trainer's own training_loss covers only the steps since the resume; the log covers them all.
     train_loss = mean_logged_loss(trainer.state.log_history)
     if state.is_main_process:
-        _save_target(cfg, name, what, final, tokenizer, out, fingerprint, {
+        save_target(cfg, name, what, final, tokenizer, out, fingerprint, {
             "train_loss": round(result.training_loss if train_loss is None else train_loss, 6),
             "steps": trainer.state.global_step,
             "num_processes": state.num_processes, **sizes,
@@ -240,7 +241,7 @@ def _checkpointing_arg(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": enabled}
 
 
-def _save_target(cfg: RunConfig, name: str, what: str | None, model, tokenizer, out: Path, fingerprint: str,
+def save_target(cfg: RunConfig, name: str, what: str | None, model, tokenizer, out: Path, fingerprint: str,
                  stats: dict) -> None:
     source = next((s.path for s in cfg.sources if s.name == name), None)
     with build_output(out, "train", fingerprint, target=name, pivot=cfg.pivot.path, source=source,
