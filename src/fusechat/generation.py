@@ -242,12 +242,20 @@ def answer_bits(model, tokenizer, items: Sequence[Answered], batch_size: int,
     bits / bytes is the item's bits per byte. An item longer than the model's context
     (``max_position_embeddings``) is not scored: its bits are None.
     """
+    encoder = ChatEncoder(tokenizer)
+    bits = scored_bits(model, tokenizer, [encoder.answer_ids(it.messages, it.answer) for it in items], batch_size,
+                       on_batch)
+    return [(b, len(it.answer.encode("utf-8"))) for b, it in zip(bits, items)]
+
+
+def scored_bits(model, tokenizer, seqs: list[tuple[list[int], int]], batch_size: int,
+                on_batch: Callable[[int], None] | None = None) -> list[float | None]:
+    """Per ``(ids, start)``: −log2 p(ids[start:] | ids[:start]), batched (right-padded) by length; None for a
+    sequence longer than the model's context."""
     import torch
 
-    encoder = ChatEncoder(tokenizer)
-    seqs = [encoder.answer_ids(it.messages, it.answer) for it in items]
     pad = pad_id(tokenizer, stop_ids(model, tokenizer))
-    out: list[tuple[float | None, int]] = [(None, len(it.answer.encode("utf-8"))) for it in items]
+    out: list[float | None] = [None] * len(seqs)
     context = context_length(model)
     fits = [i for i, (ids, _) in enumerate(seqs) if not context or len(ids) <= context]
     for batch in batches([len(seqs[i][0]) for i in fits], batch_size):
@@ -257,11 +265,11 @@ def answer_bits(model, tokenizer, items: Sequence[Answered], batch_size: int,
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         for row, i in enumerate(idx):
             tokens, start = seqs[i]
-            out[i] = (sequence_bits(logits[row], tokens, start), len(items[i].answer.encode("utf-8")))
+            out[i] = sequence_bits(logits[row], tokens, start)
         if on_batch:
             on_batch(len(idx))
-    if on_batch and len(fits) < len(items):
-        on_batch(len(items) - len(fits))
+    if on_batch and len(fits) < len(seqs):
+        on_batch(len(seqs) - len(fits))
     return out
 
 

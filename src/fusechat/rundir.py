@@ -93,6 +93,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def read_cached(path: str | os.PathLike, key: dict) -> dict | None:
+    """A JSON cache written with ``atomic_write_json({**key, ...})``: the saved object when every item of ``key``
+    matches, else None (missing, torn, foreign, or made for another key: computed again)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in key.items()):
+        return None
+    return saved
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces ``final`` when the block succeeds; on any failure the

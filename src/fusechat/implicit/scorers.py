@@ -146,7 +146,7 @@ class ExecutionScorer:
 
     def __init__(self, s: ScoreConfig):
         require_allowed("implicit.score.scorer execution", s.allow_code_execution)
-        self.limits = Limits(cpu_s=max(1, int(s.execution_timeout_s)), wall_s=s.execution_timeout_s)
+        self.limits = Limits(cpu_s=int(s.execution_timeout_s) + 1, wall_s=s.execution_timeout_s)
 
     def score(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
         for p in prompts:

@@ -25,7 +25,7 @@ from fusechat.generation import (
     context_length,
     pad_batch,
     pad_id,
-    sequence_bits,
+    scored_bits,
     stop_ids,
 )
 
@@ -90,22 +90,7 @@ def solution_ids(encoder: ChatEncoder, problem: Problem) -> tuple[list[int], int
 def solution_bits(model, tokenizer, problems: list[Problem], batch_size: int,
                   on_batch: Callable[[int], None] | None = None) -> list[dict]:
     """Per problem: ``{"task_id", "bits", "bytes"}``; bits are None where the sequence does not fit the context."""
-    import torch
-
     encoder = ChatEncoder(tokenizer)
     seqs = [solution_ids(encoder, p) for p in problems]
-    pad = pad_id(tokenizer, stop_ids(model, tokenizer))
-    context = context_length(model)
-    out = [{"task_id": p.task_id, "bits": None, "bytes": n} for p, (_, _, n) in zip(problems, seqs)]
-    fits = [i for i, (ids, _, _) in enumerate(seqs) if not context or len(ids) <= context]
-    for batch in batches([len(seqs[i][0]) for i in fits], batch_size):
-        idx = [fits[j] for j in batch]
-        ids, mask = pad_batch([seqs[i][0] for i in idx], pad, "right")
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        for row, i in enumerate(idx):
-            tokens, start, _ = seqs[i]
-            out[i]["bits"] = sequence_bits(logits[row], tokens, start)
-        if on_batch:
-            on_batch(len(idx))
-    return out
+    bits = scored_bits(model, tokenizer, [(ids, start) for ids, start, _ in seqs], batch_size, on_batch)
+    return [{"task_id": p.task_id, "bits": b, "bytes": n} for p, b, (_, _, n) in zip(problems, bits, seqs)]

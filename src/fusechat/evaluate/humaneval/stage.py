@@ -29,7 +29,7 @@ from fusechat.evaluate.rows import folder_rows, model_rows
 from fusechat.judges.execution import require_allowed
 from fusechat.model_loading import with_model
 from fusechat.progress import console, print_result, progress_bar
-from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, sha256_file
+from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, read_cached, sha256_file
 
 FOLDER = "humaneval"
 LEDGER = "models.json"
@@ -120,7 +120,7 @@ def _run_model(name: str, path: str, identity: str, problems: list[Problem], set
     bits_file = out / "solution_bits" / f"{name}.json"
     bits_key = {"identity": identity, "path": str(path), "problems": [p.task_id for p in problems],
                 "data": _problems_hash(problems), "dtype": he.dtype}
-    bits = _cached_bits(bits_file, bits_key)
+    bits = (read_cached(bits_file, bits_key) or {}).get("records")
     if not todo and bits is not None:
         return done, bits
 
@@ -143,18 +143,6 @@ def _run_model(name: str, path: str, identity: str, problems: list[Problem], set
         return done, scored
 
     return with_model(name, path, work, he.dtype, settings.device, setting="eval.device")
-
-
-def _cached_bits(path: Path, key: dict) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None  # torn or foreign: computed again
-    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in key.items()):
-        return None
-    return saved.get("records")
 
 
 # ---------------------------------------------------------------- which completions belong to which model

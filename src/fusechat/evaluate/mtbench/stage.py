@@ -44,7 +44,7 @@ from fusechat.judges.endpoint import EndpointJudge
 from fusechat.judges.local import LocalJudge
 from fusechat.model_loading import model_path_problem, with_model
 from fusechat.progress import console, print_result, progress_bar
-from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, sha256_file
+from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, read_cached, sha256_file
 
 LEDGER = "models.json"
 FOLDER = "mt_bench"
@@ -111,7 +111,7 @@ def _run_model(name: str, path: str, identity: str, bench: Benchmark, settings: 
     todo = sum(q.id not in done for q in bench.questions) if mt.answers else 0
     bits_file = out / "reference_bits" / f"{name}.json"
     bits_key = {"identity": identity, "path": path, "references": _hash(bench.reference_file), "dtype": mt.dtype}
-    bits = _cached_bits(bits_file, bits_key)
+    bits = (read_cached(bits_file, bits_key) or {}).get("records")
     n_reference = len(reference_items(bench))
     if not todo and bits is not None:
         return done, bits
@@ -130,20 +130,6 @@ def _run_model(name: str, path: str, identity: str, bench: Benchmark, settings: 
         return answers, scored
 
     return with_model(name, path, work, mt.dtype, settings.device, setting="eval.device")
-
-
-def _cached_bits(path: Path, key: dict) -> list[dict] | None:
-    import json
-
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None  # torn or foreign: computed again
-    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in key.items()):
-        return None
-    return saved.get("records")
 
 
 # ---------------------------------------------------------------- the judge
