@@ -18,8 +18,13 @@ from pathlib import Path
 
 from fusechat.config import (
     DATA_SUFFIXES,
+    GOLD,
     HUB_ID_RE,
+    IMPLICIT_DPO,
+    IMPLICIT_SFT,
+    MULTI,
     RESERVED_NAMES,
+    SFT,
     ModelSpec,
     RunConfig,
     ZooBuildConfig,
@@ -66,7 +71,7 @@ def model_folder(spec: ModelSpec, zoo_build: ZooBuildConfig | None = None) -> Pa
 def load_run(path: str | os.PathLike, overrides: list[str] | None = None, runnable: bool = True) -> RunConfig:
     """The run config at ``path``: valid, every model given its folder, and (``runnable``) nothing missing."""
     cfg = load_config(path, overrides)
-    problems = synthetic_problems(cfg) + merge_problems(cfg)
+    problems = synthetic_problems(cfg) + merge_problems(cfg) + humaneval_problems(cfg)
     if problems:
         raise ConfigError(str(path), problems)
     resolve_paths(cfg)
@@ -85,6 +90,20 @@ def merge_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"{where}.name {spec.name!r} is reserved: it names the {spec.name} merge "
                             f"(merged/{spec.name}); choose another name")
     return problems
+
+
+def row_names(cfg: RunConfig) -> list[str]:
+    """Every row this run's evaluation can have: the pivot, sources, targets and baselines, merges."""
+    sources = [s.name for s in cfg.sources]
+    return ["pivot", *sources, *(f"target-{s}" for s in sources), SFT, MULTI, IMPLICIT_SFT, IMPLICIT_DPO,
+            *cfg.gold_targets(), GOLD, *dict.fromkeys([cfg.merge.method, *cfg.merge.baselines])]
+
+
+def humaneval_problems(cfg: RunConfig) -> list[str]:
+    """HumanEval rows that no row of this run is named: found before the run, not at its end."""
+    known = row_names(cfg)
+    return [f"eval.humaneval.rows[{i}] {name!r} names no row of this run (rows: {', '.join(known)})"
+            for i, name in enumerate(cfg.eval.humaneval.rows or []) if name not in known]
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
