@@ -32,7 +32,8 @@ from fusechat.train.targets import run_arguments, save_target
 SETTINGS = {"lmbda": 0.0, "use_uld_loss": True, "uld_use_hybrid_loss": True}  # offline, hybrid ULD
 
 
-def source_of(cfg: RunConfig, name: str) -> str:
+def source_of(name: str) -> str:
+    """The source of GOLD target ``gold-<source>``."""
     return name[len(GOLD) + 1:]
 
 
@@ -64,7 +65,7 @@ def train_gold(cfg: RunConfig, name: str, force: bool = False) -> Path:
 
     state = process_state("auto")
     rundir = RunDir(cfg.run_dir)
-    source = cfg.model(source_of(cfg, name))
+    source = cfg.model(source_of(name))
     out = rundir.stage("train", name)
     work = out.with_name(f".{name}.work")
     start = start_spec(cfg, name)

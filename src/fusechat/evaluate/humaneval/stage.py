@@ -71,7 +71,7 @@ def evaluate(rows: dict[str, tuple[str, str]], out: Path, settings: EvalConfig, 
     problems = load_problems(problem_file, he.problems)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_ledger(out, rows, _settings(problem_file, problems, settings), force)
+    _check_ledger(out, rows, _settings(problem_file, settings), force)
 
     samples, verdicts, bits = {}, {}, {}
     with progress_bar() as bar:
@@ -155,7 +155,8 @@ def _problems_hash(problems: list[Problem]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _settings(problem_file: Path, problems: list[Problem], settings: EvalConfig) -> dict:
+def _settings(problem_file: Path, settings: EvalConfig) -> dict:
+    # The problem count is not a setting: a completion of problem N is the same whatever N problems are asked.
     he = settings.humaneval
     return {"problems": sha256_file(problem_file)[:16], "max_new_tokens": he.max_new_tokens, "dtype": he.dtype}
 
