@@ -68,20 +68,23 @@ def detect_format(record: dict) -> str:
     raise BadRecord("unknown_format", f"needs a 'conversations' (ShareGPT) or 'messages' (OpenAI) list; keys: {keys}")
 
 
+def _read(record: Any, fmt: str, where: str) -> tuple[Conversation, str, int]:
+    """(conversation, the format's list key, index shift) of a raw record, before its turn rules are checked."""
+    if not isinstance(record, dict):
+        raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    fmt = detect_format(record) if fmt in ("auto", "hf") else fmt
+    record_format = FORMATS[fmt]
+    if record_format.list_key not in record:
+        raise BadRecord("unknown_format", f"data.format is {fmt} but the record has no '{record_format.list_key}' list")
+    messages, shift = _messages(record, record_format)
+    return Conversation(id=_record_id(record, where), origin=where, messages=messages), record_format.list_key, shift
+
+
 def parse_record(record: Any, fmt: str, where: str, index: int) -> Conversation:
     """Turn one raw record into a validated ``Conversation`` or raise ``BadRecord`` (with ``where`` set)."""
     try:
-        if not isinstance(record, dict):
-            raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-        fmt = detect_format(record) if fmt in ("auto", "hf") else fmt
-        record_format = FORMATS[fmt]
-        if record_format.list_key not in record:
-            raise BadRecord(
-                "unknown_format", f"data.format is {fmt} but the record has no '{record_format.list_key}' list"
-            )
-        messages, shift = _messages(record, record_format)
-        conv = Conversation(id=_record_id(record, where), origin=where, messages=messages)
-        _check_structure(conv, record_format.list_key, shift)
+        conv, list_key, shift = _read(record, fmt, where)
+        _check_structure(conv, list_key, shift)
         return conv
     except BadRecord as e:
         raise e.at(where) from None
@@ -90,23 +93,14 @@ def parse_record(record: Any, fmt: str, where: str, index: int) -> Conversation:
 def parse_prompt(record: Any, fmt: str, where: str, index: int) -> Conversation:
     """A prompt pool's record: a conversation up to a last user turn, with no answer to it; or ``BadRecord``."""
     try:
-        if not isinstance(record, dict):
-            raise BadRecord("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-        fmt = detect_format(record) if fmt in ("auto", "hf") else fmt
-        record_format = FORMATS[fmt]
-        if record_format.list_key not in record:
-            raise BadRecord(
-                "unknown_format", f"data.format is {fmt} but the record has no '{record_format.list_key}' list"
-            )
-        messages, shift = _messages(record, record_format)
-        conv = Conversation(id=_record_id(record, where), origin=where, messages=messages)
-        turns = [m for m in messages if m.role != "system"]
+        conv, list_key, shift = _read(record, fmt, where)
+        turns = [m for m in conv.messages if m.role != "system"]
         if not turns or turns[-1].role != "user":
             raise BadRecord("not_a_prompt", f"a prompt ends on a user turn with no answer; its last turn is "
                                             f"{turns[-1].role if turns else 'missing'} (a conversation with its answer "
                                             "belongs in data.paths)")
         conv.messages = [*conv.messages, Message("assistant", "(the answer)")]
-        _check_structure(conv, record_format.list_key, shift)  # the alternation rules, with a stand-in answer
+        _check_structure(conv, list_key, shift)  # the alternation rules, with a stand-in answer
         conv.messages = conv.messages[:-1]
         return conv
     except BadRecord as e:
