@@ -168,6 +168,26 @@ def test_samples_in_human_evals_format_resume_and_verdicts_count(tiny, tmp_path)
     humaneval_folders([str(tiny["alpha"])], tmp_path, settings(tiny, rows=["alpha"], max_new_tokens=9), force=True)
 
 
+def test_a_row_whose_weights_changed_is_answered_again_alone(tiny, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["alpha"], model)
+    rows = [str(model), str(tiny["beta"])]
+    out = humaneval_folders(rows, tmp_path / "out", settings(tiny, rows=["model", "beta"]))
+    marked = {}
+    for name in ("model", "beta"):  # a mark that survives only where the completions are kept
+        file = out / "samples" / f"{name}.jsonl"
+        first, *rest = file.read_text().splitlines(keepends=True)
+        marked[name] = json.dumps({"task_id": json.loads(first)["task_id"], "completion": "    return 'kept'\n"}) + "\n"
+        file.write_text(marked[name] + "".join(rest))
+    shutil.copy(tiny["beta"] / "model.safetensors", model / "model.safetensors")  # retrained, as it were
+    humaneval_folders(rows, tmp_path / "out", settings(tiny, rows=["model", "beta"]))
+    assert (out / "samples" / "beta.jsonl").read_text().startswith(marked["beta"])
+    redone = (out / "samples" / "model.jsonl").read_text()
+    assert "'kept'" not in redone and len(redone.splitlines()) == len(PROBLEMS)
+
+
 def test_solution_bits_are_the_canonical_bodys_tokens_after_the_begun_answer(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -296,6 +296,25 @@ def manual_bits(model, tokenizer, messages, answer):
     return -sum(logp[t - 1, ids[t]].item() for t in range(len(prompt_ids), end)) / math.log(2)
 
 
+def test_a_row_whose_weights_changed_is_answered_again_alone(tiny, bench_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["alpha"], model)
+    rows = [str(model), str(tiny["beta"])]
+    out = mt_bench_folders(rows, tmp_path / "out", settings(bench_dir))
+    kept = {}
+    for name in ("model", "beta"):  # a mark that survives only where the answers are kept
+        file = out / "model_answer" / f"{name}.jsonl"
+        file.write_text(file.read_text().replace('"turns": ["', '"turns": ["KEPT '))
+        kept[name] = file.read_text()
+    shutil.copy(tiny["beta"] / "model.safetensors", model / "model.safetensors")  # retrained, as it were
+    mt_bench_folders(rows, tmp_path / "out", settings(bench_dir))
+    assert (out / "model_answer" / "beta.jsonl").read_text() == kept["beta"]
+    redone = (out / "model_answer" / "model.jsonl").read_text()
+    assert "KEPT" in kept["model"] and "KEPT" not in redone and redone.count("\n") == len(QUESTIONS)
+
+
 def test_reference_bits_per_byte_match_the_logits(tiny, bench_dir, tmp_path):
     out = mt_bench_folders([str(tiny["alpha"]), str(tiny["beta"])], tmp_path / "out", settings(bench_dir))
     results = json.loads((out / "results.json").read_text())

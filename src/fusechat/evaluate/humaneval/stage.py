@@ -9,8 +9,8 @@ the rows of ``eval.humaneval.rows`` answer (every row by default); every row get
 bits. A model is loaded only when it has something left to do.
 
 ``models.json`` records, per row, the model and the settings its completions were made
-with; completions of another model or settings stop the run until ``--force``, which
-starts that row over.
+with; a row whose weights changed since starts over, and completions made with other
+settings stop the run until ``--force``, which starts every row over.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def _settings(problem_file: Path, settings: EvalConfig) -> dict:
 
 
 def _check_ledger(out: Path, rows: dict[str, tuple[str, str]], answer_settings: dict, force: bool) -> None:
-    """Stop when a row's completions come from another model or settings; with ``force``, start the rows over."""
+    """Stop when a row's completions were made with other settings (``force`` starts every row over); a row whose
+    weights changed since (a retrained target, another training seed) starts over on its own."""
     ledger_file = out / LEDGER
     try:
         ledger = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.is_file() else {}
@@ -170,15 +171,17 @@ def _check_ledger(out: Path, rows: dict[str, tuple[str, str]], answer_settings: 
         ledger = {}
     for name, (path, identity) in rows.items():
         entry = {"path": str(path), "identity": identity, "settings": answer_settings}
-        if force:
+        old = ledger.get(name)
+        has_samples = sample_path(out, name).is_file()
+        if has_samples and not force and old is not None and old.get("settings") != answer_settings:
+            raise FusechatError(f"{sample_path(out, name)} holds completions made with other settings (problems, "
+                                "max_new_tokens or dtype); rerun with --force to answer again, or use another "
+                                "output folder")
+        if force or (old is not None and old.get("identity") != identity):
+            if has_samples and not force:
+                console.print(f"humaneval: {name}'s weights changed since its completions; answering again")
             for stale in (sample_path(out, name), out / "verdicts" / f"{name}.jsonl",
                           out / "solution_bits" / f"{name}.json"):
                 stale.unlink(missing_ok=True)
-        elif sample_path(out, name).is_file() and name in ledger and ledger[name] != entry:
-            changed = [k for k in ("path", "identity", "settings") if ledger[name].get(k) != entry[k]]
-            what = {"path": "another model folder", "identity": "other weights",
-                    "settings": "other settings (problems, max_new_tokens or dtype)"}[changed[0]]
-            raise FusechatError(f"{sample_path(out, name)} holds completions made with {what}; rerun with --force "
-                                "to answer again, or use another output folder")
         ledger[name] = entry
     atomic_write_text(ledger_file, json.dumps(ledger, indent=2) + "\n")

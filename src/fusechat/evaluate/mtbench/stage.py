@@ -5,9 +5,10 @@ reference answers; then, with a judge, every answer not yet judged; then the
 tables. A model is loaded only when it has something left to do.
 
 ``models.json`` records, per row, the model (path and identity) and the
-settings its answers were generated with. Answers made by another model or with
-other settings are not mixed with new ones: the run stops and asks for
-``--force``, which starts that row over (answers, bits, judgments).
+settings its answers were generated with. A row whose weights changed since (a
+retrained target) starts over on its own (answers, bits, judgments); answers made
+with other settings are not mixed with new ones: the run stops and asks for
+``--force``, which starts every row over.
 """
 
 from __future__ import annotations
@@ -186,16 +187,18 @@ def _check_ledger(out: Path, rows: dict[str, tuple[str, str]], answer_settings: 
     restart = []
     for name, (path, identity) in rows.items():
         entry = {"path": str(path), "identity": identity, "settings": answer_settings}
+        old = ledger.get(name)
         has_answers = answer_path(out, name).is_file()
+        if has_answers and not force and old is not None and old.get("settings") != answer_settings:
+            raise FusechatError(f"{answer_path(out, name)} holds answers made with other settings (questions, "
+                                "max_new_tokens, temperature or dtype); rerun with --force to answer again, or use "
+                                "another output folder")
         # Judgments of answers that are gone would never be redone; without answers, only the bits are kept.
-        if force or (not has_answers and with_answers):
+        # A row whose weights changed since (a retrained target) starts over on its own.
+        if force or (not has_answers and with_answers) or (old is not None and old.get("identity") != identity):
+            if has_answers and not force:
+                console.print(f"mt-bench: {name}'s weights changed since its answers; answering again")
             restart.append(name)
-        elif has_answers and name in ledger and ledger[name] != entry:
-            changed = [k for k in ("path", "identity", "settings") if ledger[name].get(k) != entry[k]]
-            what = {"path": "another model folder", "identity": "other weights",
-                    "settings": "other settings (questions, max_new_tokens, temperature or dtype)"}[changed[0]]
-            raise FusechatError(f"{answer_path(out, name)} holds answers made with {what}; rerun with --force to "
-                                "answer again, or use another output folder")
         ledger[name] = entry
     if restart:
         _forget(out, restart)
