@@ -173,6 +173,34 @@ def test_answer_bits_match_a_forward_pass_by_hand(qa_models):
     assert results["bits_per_byte"]["trained"]["open"] == pytest.approx(bits / n_bytes, rel=1e-5)
 
 
+def test_batches_keep_their_logits_within_a_budget():
+    from fusechat.generation import batches
+
+    lengths = [5, 1, 3, 4]  # sorted by length: items 1, 2, 3, 0
+    assert list(batches(lengths, 3)) == [[1, 2, 3], [0]]
+    assert list(batches(lengths, 3, max_cells=12)) == [[1, 2, 3], [0]]  # 3 items x 4 tokens = 12 cells
+    assert list(batches(lengths, 3, max_cells=8)) == [[1, 2], [3], [0]]  # [1, 2, 3] would be 12
+    assert list(batches(lengths, 3, max_cells=16, width=4)) == [[1], [2], [3], [0]]  # one item even past it
+
+
+def test_bits_scored_under_a_small_logit_budget_are_the_same(qa_models, monkeypatch):
+    import fusechat.generation as generation
+
+    model, tokenizer = qa_models["model"], qa_models["tokenizer"]
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        plain = answer_bits(model, tokenizer, QA_ITEMS, batch_size=4)
+        monkeypatch.setattr(generation, "LOGIT_CELLS", 1)  # one sequence per forward pass
+        small = answer_bits(model, tokenizer, QA_ITEMS, batch_size=4)
+    finally:
+        hook.remove()
+    assert calls == [4, 1, 1, 1, 1]
+    assert [n for _, n in small] == [n for _, n in plain]
+    assert [b for b, _ in small] == pytest.approx([b for b, _ in plain], rel=1e-5)
+
+
 def test_scored_tokens_end_with_the_end_of_turn_token():
     from fusechat.data.templates import CHATML_JINJA
     from fusechat.zoo.tokenizers import build_tokenizer

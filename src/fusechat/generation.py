@@ -134,13 +134,23 @@ def pad_id(tokenizer, stops: list[int]) -> int:
     return stops[0] if stops else 0
 
 
-def batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
-    """Item indices in batches of similar length (less padding); every index once."""
+def batches(lengths: list[int], batch_size: int, max_cells: int | None = None, width: int = 1) -> Iterator[list[int]]:
+    """Item indices in batches of similar length (less padding); every index once. With ``max_cells``, a batch
+    also holds at most that many ``items × longest × width`` cells (one item at least): a model's full logits
+    over a batch of long sequences and a large vocabulary would not fit in memory."""
     if batch_size < 1:
         raise FusechatError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    for at in range(0, len(order), batch_size):
-        yield order[at:at + batch_size]
+    batch: list[int] = []
+    for i in order:
+        full = len(batch) == batch_size or (max_cells is not None and batch
+                                            and (len(batch) + 1) * lengths[i] * width > max_cells)
+        if full:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def pad_batch(seqs: list[list[int]], pad: int, side: str):
@@ -248,6 +258,9 @@ def answer_bits(model, tokenizer, items: Sequence[Answered], batch_size: int,
     return [(b, len(it.answer.encode("utf-8"))) for b, it in zip(bits, items)]
 
 
+LOGIT_CELLS = 2**28  # a scoring batch's logits stay within 1 GiB in fp32 (Gemma-3's 262k vocabulary: 1,024 tokens)
+
+
 def scored_bits(model, tokenizer, seqs: list[tuple[list[int], int]], batch_size: int,
                 on_batch: Callable[[int], None] | None = None) -> list[float | None]:
     """Per ``(ids, start)``: −log2 p(ids[start:] | ids[:start]), batched (right-padded) by length; None for a
@@ -258,7 +271,8 @@ def scored_bits(model, tokenizer, seqs: list[tuple[list[int], int]], batch_size:
     out: list[float | None] = [None] * len(seqs)
     context = context_length(model)
     fits = [i for i, (ids, _) in enumerate(seqs) if not context or len(ids) <= context]
-    for batch in batches([len(seqs[i][0]) for i in fits], batch_size):
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for batch in batches([len(seqs[i][0]) for i in fits], batch_size, LOGIT_CELLS, vocab):
         idx = [fits[j] for j in batch]
         ids, mask = pad_batch([seqs[i][0] for i in idx], pad, "right")
         with torch.inference_mode():
