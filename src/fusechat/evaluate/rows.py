@@ -1,7 +1,10 @@
-"""Which models a table has: a run's pivot, sources, complete targets and merges, or folders named on the command line."""
+"""Which models a table has: a run's pivot, sources, complete targets and merges, or folders named on the command line;
+and which of a benchmark's saved outputs still belong to them (``models.json``)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +12,10 @@ from fusechat.config import GOLD, IMPLICIT_DPO, IMPLICIT_SFT, MULTI, SFT, RunCon
 from fusechat.errors import FusechatError
 from fusechat.model_loading import model_hash, row_spec
 from fusechat.progress import console
-from fusechat.rundir import RunDir, read_manifest
+from fusechat.rundir import RunDir, atomic_write_text, read_manifest
 
 SKIPPED_MERGE_FOLDERS = ("analysis",)
+LEDGER = "models.json"
 
 
 @dataclass
@@ -102,3 +106,28 @@ def _unique(rows: list[Row]) -> list[Row]:
             row.name = f"{row.kind}-{row.name}"
         seen.add(row.name)
     return rows
+
+
+def stale_rows(out: Path, rows: dict[str, tuple[str, str]], settings: dict, force: bool,
+               output: Callable[[str], Path], what: str, benchmark: str) -> list[str]:
+    """Checks ``<out>/models.json`` against ``rows`` (name -> (path, identity)) and records them there. Stops when
+    a row's saved ``what`` (the file ``output(name)``) was made with other ``settings``; returns the rows to start
+    over: every row with ``force``, else those whose weights changed since (a retrained target, another seed)."""
+    ledger_file = Path(out) / LEDGER
+    try:
+        ledger = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        ledger = {}
+    stale = []
+    for name, (path, identity) in rows.items():
+        old, saved = ledger.get(name), output(name).is_file()
+        if saved and not force and old is not None and old.get("settings") != settings:
+            raise FusechatError(f"{output(name)} holds {what} made with other settings ({', '.join(settings)}); "
+                                "rerun with --force to answer again, or use another output folder")
+        if force or (old is not None and old.get("identity") != identity):
+            if saved and not force:
+                console.print(f"{benchmark}: {name}'s weights changed since its {what}; answering again")
+            stale.append(name)
+        ledger[name] = {"path": str(path), "identity": identity, "settings": settings}
+    atomic_write_text(ledger_file, json.dumps(ledger, indent=2) + "\n")
+    return stale

@@ -25,14 +25,13 @@ from fusechat.evaluate.humaneval.execute import judge_completions
 from fusechat.evaluate.humaneval.problems import Problem, default_problem_file, load_problems
 from fusechat.evaluate.humaneval.report import format_markdown, results_table
 from fusechat.evaluate.jsonl import append_records, read_records, require_fields
-from fusechat.evaluate.rows import folder_rows, model_rows
+from fusechat.evaluate.rows import folder_rows, model_rows, stale_rows
 from fusechat.judges.execution import require_allowed
 from fusechat.model_loading import with_model
 from fusechat.progress import console, print_result, progress_bar
 from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, read_cached, sha256_file
 
 FOLDER = "humaneval"
-LEDGER = "models.json"
 
 
 def run_humaneval(cfg: RunConfig, force: bool = False) -> Path:
@@ -71,7 +70,10 @@ def evaluate(rows: dict[str, tuple[str, str]], out: Path, settings: EvalConfig, 
     problems = load_problems(problem_file, he.problems)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_ledger(out, rows, _settings(problem_file, settings), force)
+    for name in stale_rows(out, rows, _settings(problem_file, settings), force, lambda n: sample_path(out, n),
+                           "completions", "humaneval"):
+        for stale in (sample_path(out, name), out / "verdicts" / f"{name}.jsonl", out / "solution_bits" / f"{name}.json"):
+            stale.unlink(missing_ok=True)
 
     samples, verdicts, bits = {}, {}, {}
     with progress_bar() as bar:
@@ -159,29 +161,3 @@ def _settings(problem_file: Path, settings: EvalConfig) -> dict:
     # The problem count is not a setting: a completion of problem N is the same whatever N problems are asked.
     he = settings.humaneval
     return {"problems": sha256_file(problem_file)[:16], "max_new_tokens": he.max_new_tokens, "dtype": he.dtype}
-
-
-def _check_ledger(out: Path, rows: dict[str, tuple[str, str]], answer_settings: dict, force: bool) -> None:
-    """Stop when a row's completions were made with other settings (``force`` starts every row over); a row whose
-    weights changed since (a retrained target, another training seed) starts over on its own."""
-    ledger_file = out / LEDGER
-    try:
-        ledger = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.is_file() else {}
-    except (ValueError, UnicodeDecodeError):
-        ledger = {}
-    for name, (path, identity) in rows.items():
-        entry = {"path": str(path), "identity": identity, "settings": answer_settings}
-        old = ledger.get(name)
-        has_samples = sample_path(out, name).is_file()
-        if has_samples and not force and old is not None and old.get("settings") != answer_settings:
-            raise FusechatError(f"{sample_path(out, name)} holds completions made with other settings (problems, "
-                                "max_new_tokens or dtype); rerun with --force to answer again, or use another "
-                                "output folder")
-        if force or (old is not None and old.get("identity") != identity):
-            if has_samples and not force:
-                console.print(f"humaneval: {name}'s weights changed since its completions; answering again")
-            for stale in (sample_path(out, name), out / "verdicts" / f"{name}.jsonl",
-                          out / "solution_bits" / f"{name}.json"):
-                stale.unlink(missing_ok=True)
-        ledger[name] = entry
-    atomic_write_text(ledger_file, json.dumps(ledger, indent=2) + "\n")

@@ -40,14 +40,13 @@ from fusechat.evaluate.mtbench.report import (
     score_table,
     write_report,
 )
-from fusechat.evaluate.rows import folder_rows, model_rows
+from fusechat.evaluate.rows import folder_rows, model_rows, stale_rows
 from fusechat.judges.endpoint import EndpointJudge
 from fusechat.judges.local import LocalJudge
 from fusechat.model_loading import model_path_problem, with_model
 from fusechat.progress import console, print_result, progress_bar
 from fusechat.rundir import RunDir, atomic_write_json, atomic_write_text, read_cached, sha256_file
 
-LEDGER = "models.json"
 FOLDER = "mt_bench"
 
 
@@ -83,7 +82,12 @@ def evaluate(rows: dict[str, tuple[str, str]], out: Path, settings: EvalConfig, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     judge = judge_name(mt.judge, mt.judge_endpoint) if mt.judge else None
-    _check_ledger(out, rows, _answer_settings(bench, settings), force, mt.answers)
+    # Judgments of answers that are gone would never be redone; without answers, only the bits are kept.
+    unanswered = [name for name in rows if mt.answers and not answer_path(out, name).is_file()]
+    stale = stale_rows(out, rows, _answer_settings(bench, settings), force, lambda n: answer_path(out, n),
+                       "answers", "mt-bench")
+    if stale or unanswered:
+        _forget(out, list(dict.fromkeys(stale + unanswered)))
 
     answers, bits = {}, {}
     with progress_bar() as bar:
@@ -172,37 +176,6 @@ def _answer_settings(bench: Benchmark, settings: EvalConfig) -> dict:
     mt = settings.mt_bench
     return {"questions": _hash(bench.question_file), "max_new_tokens": mt.max_new_tokens,
             "temperature": mt.temperature, "dtype": mt.dtype}
-
-
-def _check_ledger(out: Path, rows: dict[str, tuple[str, str]], answer_settings: dict, force: bool,
-                  with_answers: bool = True) -> None:
-    """Stop when a row's answers come from another model or settings; with ``force``, start the rows over."""
-    import json
-
-    ledger_file = out / LEDGER
-    try:
-        ledger = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.is_file() else {}
-    except (ValueError, UnicodeDecodeError):
-        ledger = {}
-    restart = []
-    for name, (path, identity) in rows.items():
-        entry = {"path": str(path), "identity": identity, "settings": answer_settings}
-        old = ledger.get(name)
-        has_answers = answer_path(out, name).is_file()
-        if has_answers and not force and old is not None and old.get("settings") != answer_settings:
-            raise FusechatError(f"{answer_path(out, name)} holds answers made with other settings (questions, "
-                                "max_new_tokens, temperature or dtype); rerun with --force to answer again, or use "
-                                "another output folder")
-        # Judgments of answers that are gone would never be redone; without answers, only the bits are kept.
-        # A row whose weights changed since (a retrained target) starts over on its own.
-        if force or (not has_answers and with_answers) or (old is not None and old.get("identity") != identity):
-            if has_answers and not force:
-                console.print(f"mt-bench: {name}'s weights changed since its answers; answering again")
-            restart.append(name)
-        ledger[name] = entry
-    if restart:
-        _forget(out, restart)
-    atomic_write_text(ledger_file, json.dumps(ledger, indent=2) + "\n")
 
 
 def _forget(out: Path, names: list[str]) -> None:
