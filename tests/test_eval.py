@@ -246,6 +246,58 @@ def test_left_padded_batches_generate_as_one_by_one(qa_models):
     assert trained == [it.answer for it in QA_ITEMS]  # stops at eos, decodes only the new tokens
 
 
+def _greedy_model(arch, tokenizer):
+    if arch != "gemma3":
+        from fusechat.zoo.architectures import build_model
+
+        return build_model(arch, tokenizer, seed=3, hidden=32, layers=2)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # Gemma-3's alternating layers; a window shorter than the prompts so the sliding cache rolls over.
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(3)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])
+def test_greedy_rows_leave_their_batch_when_finished_with_generates_tokens(qa_models, arch):
+    from transformers import GenerationConfig
+
+    from fusechat.generation import greedy_until, pad_batch
+
+    tokenizer = qa_models["tokenizer"]
+    model = _greedy_model(arch, tokenizer)
+    encoder = ChatEncoder(tokenizer)
+    questions = ["Hi", "What is the capital of Zorvia, the green country?", "Name the red planet.",
+                 "Reverse the word cat, please, and then stop.", "Two?"]
+    prompts = [encoder.prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    ids, mask = pad_batch(prompts, 0, "left")
+    config = GenerationConfig(max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        full = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:].tolist()
+
+    assert greedy_until(model, prompts, 9, 0, 8, lambda new: False) == full
+
+    # A row is finished once its new tokens sum to a multiple of 5: rows leave at different steps.
+    def finished(new):
+        return sum(new) % 5 == 0
+
+    wanted = [next((t for t in range(1, 10) if finished(row[:t])), 9) for row in full]
+    assert len(set(wanted)) > 1
+    rows_per_forward = []
+    hook = model.register_forward_pre_hook(lambda _, args, kw: rows_per_forward.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    seen = []
+    new = greedy_until(model, prompts, 9, 0, 8, finished, on_batch=lambda idx, got: seen.append((idx, got)))
+    hook.remove()
+    assert new == [row[:n] for row, n in zip(full, wanted)]
+    assert rows_per_forward == [sum(n >= step for n in wanted) for step in range(1, max(wanted) + 1)]
+    assert [sorted(idx) for idx, _ in seen] == [list(range(5))] and [new[i] for i in seen[0][0]] == seen[0][1]
+
+
 # ---------------------------------------------------------------- tables and report
 
 

@@ -182,6 +182,57 @@ def fit_to_context(prompts: list[list[int]], max_new_tokens: int, context: int |
     return [p[-room:] for p in prompts], max_new_tokens
 
 
+def greedy_until(model, prompts: list[list[int]], max_new_tokens: int, pad: int, batch_size: int,
+                 finished: Callable[[list[int]], bool],
+                 on_batch: Callable[[list[int], list[list[int]]], None] | None = None) -> list[list[int]]:
+    """Greedy new tokens for each prompt, at most ``max_new_tokens``, until ``finished(new_ids)`` holds.
+
+    The tokens are those of ``model.generate`` (greedy, left-padded batches); the difference
+    is that a row leaves its batch the step it is finished, its cache rows dropped with it.
+    ``generate`` keeps computing a finished row until the whole batch is done, and on a CPU,
+    where each step costs in proportion to the rows in it, one long answer made a batch of
+    short ones cost as much as sixteen long ones. ``on_batch(indices, new_ids)`` after each
+    batch.
+    """
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    # transformers renamed ``past_key_values`` to ``cache`` within the versions fusechat supports.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in batches([len(p) for p in prompts], batch_size):
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, "left")
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        # Positions as generate counts them: from each row's first real token.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        cache = DynamicCache(config=model.config)
+        alive = list(idx)
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                               logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+            chosen = logits.argmax(-1)
+            for row, token in zip(alive, chosen.tolist()):
+                out[row].append(token)
+            keep = [k for k, row in enumerate(alive) if not finished(out[row])]
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                rows = torch.tensor(keep, device=mask.device)
+                cache.batch_select_indices(rows)
+                mask, positions, chosen = mask[rows], positions[rows], chosen[rows]
+                alive = [alive[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = chosen[:, None]
+        if on_batch:
+            on_batch(idx, [out[i] for i in idx])
+    return out
+
+
 def generate_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int,
                      on_batch: Callable[[int], None] | None = None, temperature: float = 0.0) -> list[str]:
     """One answer per conversation (each ending on a user turn): new tokens up to the first stop token, special

@@ -21,9 +21,8 @@ from collections.abc import Callable
 from fusechat.evaluate.humaneval.problems import Problem
 from fusechat.generation import (
     ChatEncoder,
-    batches,
     context_length,
-    pad_batch,
+    greedy_until,
     pad_id,
     scored_bits,
     stop_ids,
@@ -48,31 +47,30 @@ def cut_at_stop(text: str) -> str:
 
 def complete(model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int,
              on_batch: Callable[[list[Problem], list[str]], None] | None = None) -> list[str]:
-    """Greedy completions of ``problems``, in order; ``on_batch(problems, completions)`` after each batch."""
-    import torch
-    from transformers import GenerationConfig
-
+    """Greedy completions of ``problems``, in order; ``on_batch(problems, completions)`` after each batch.
+    A completion leaves its batch at its first stop (``greedy_until``)."""
     encoder = ChatEncoder(tokenizer)
     prompts = [encoder.encode(begun_answer(encoder, p)) for p in problems]
     context = context_length(model)
     if context:
         max_new_tokens = max(1, min(max_new_tokens, context - max(len(p) for p in prompts)))
     stops = stop_ids(model, tokenizer)
-    pad = pad_id(tokenizer, stops)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
-                              eos_token_id=stops or None, pad_token_id=pad, stop_strings=list(STOP_SEQUENCES))
-    out = [""] * len(problems)
-    for idx in batches([len(p) for p in prompts], batch_size):
-        ids, mask = pad_batch([prompts[i] for i in idx], pad, "left")
-        with torch.inference_mode():
-            generated = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                       generation_config=config, tokenizer=tokenizer)
-        for row, i in zip(generated[:, ids.shape[1]:].tolist(), idx):
-            end = next((k for k, t in enumerate(row) if t in stops), len(row))
-            out[i] = cut_at_stop(tokenizer.decode(row[:end], skip_special_tokens=True))
+
+    def finished(new_ids: list[int]) -> bool:
+        # The longest stop sequence is 7 characters, so it lies within the last 8 tokens the step it appears.
+        tail = tokenizer.decode(new_ids[-8:])
+        return new_ids[-1] in stops or any(s in tail for s in STOP_SEQUENCES)
+
+    def text(new_ids: list[int]) -> str:
+        end = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
+        return cut_at_stop(tokenizer.decode(new_ids[:end], skip_special_tokens=True))
+
+    def keep(idx: list[int], new: list[list[int]]) -> None:
         if on_batch:
-            on_batch([problems[i] for i in idx], [out[i] for i in idx])
-    return out
+            on_batch([problems[i] for i in idx], [text(ids) for ids in new])
+
+    new = greedy_until(model, prompts, max_new_tokens, pad_id(tokenizer, stops), batch_size, finished, keep)
+    return [text(ids) for ids in new]
 
 
 def solution_ids(encoder: ChatEncoder, problem: Problem) -> tuple[list[int], int, int]:
