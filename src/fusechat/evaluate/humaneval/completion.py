@@ -57,7 +57,7 @@ def complete(model, tokenizer, problems: list[Problem], max_new_tokens: int, bat
     stops = stop_ids(model, tokenizer)
 
     def finished(new_ids: list[int]) -> bool:
-        # The longest stop sequence is 7 characters, so it lies within the last 8 tokens the step it appears.
+        # A stop sequence is at most 6 characters, so it lies within the last 8 tokens the step it appears.
         tail = tokenizer.decode(new_ids[-8:])
         return new_ids[-1] in stops or any(s in tail for s in STOP_SEQUENCES)
 
