@@ -189,10 +189,9 @@ def greedy_until(model, prompts: list[list[int]], max_new_tokens: int, pad: int,
 
     The tokens are those of ``model.generate`` (greedy, left-padded batches); the difference
     is that a row leaves its batch the step it is finished, its cache rows dropped with it.
-    ``generate`` keeps computing a finished row until the whole batch is done, and on a CPU,
-    where each step costs in proportion to the rows in it, one long answer made a batch of
-    short ones cost as much as sixteen long ones. ``on_batch(indices, new_ids)`` after each
-    batch.
+    ``generate`` keeps computing a finished row until the whole batch is done, so one long
+    answer kept a batch of short ones at full width to its end (on two CPU cores a step of 16
+    rows costs about twice a step of one). ``on_batch(indices, new_ids)`` after each batch.
     """
     import inspect
 

@@ -65,12 +65,16 @@ def complete(model, tokenizer, problems: list[Problem], max_new_tokens: int, bat
         end = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
         return cut_at_stop(tokenizer.decode(new_ids[:end], skip_special_tokens=True))
 
-    def keep(idx: list[int], new: list[list[int]]) -> None:
-        if on_batch:
-            on_batch([problems[i] for i in idx], [text(ids) for ids in new])
+    texts = [""] * len(problems)
 
-    new = greedy_until(model, prompts, max_new_tokens, pad_id(tokenizer, stops), batch_size, finished, keep)
-    return [text(ids) for ids in new]
+    def keep(idx: list[int], new: list[list[int]]) -> None:
+        for i, ids in zip(idx, new):
+            texts[i] = text(ids)
+        if on_batch:
+            on_batch([problems[i] for i in idx], [texts[i] for i in idx])
+
+    greedy_until(model, prompts, max_new_tokens, pad_id(tokenizer, stops), batch_size, finished, keep)
+    return texts
 
 
 def solution_ids(encoder: ChatEncoder, problem: Problem) -> tuple[list[int], int, int]:
