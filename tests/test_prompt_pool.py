@@ -3,6 +3,7 @@ best answer joining the training data of both routes (the explicit route's targe
 while the SFT baseline keeps to the gold."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from conftest import write_jsonl
 
 from fusechat.config import PairsConfig
-from fusechat.errors import DataError
+from fusechat.errors import DataError, FusechatError
 from fusechat.implicit.pairs import Candidate, build_pairs
 from fusechat.implicit.prompts import Prompt, load_prompts
 from fusechat.pipeline import load_run, make_ready, route_stages, run_stage
@@ -135,12 +136,18 @@ def test_the_explicit_route_trains_its_targets_on_the_pools_answers_and_sft_on_t
     from fusechat.implicit.score import pool_answers_file
     from fusechat.prepare import pooled_rows
 
-    cfg = load_run(pool_config(tmp_path, tiny_models))
+    config = pool_config(tmp_path, tiny_models)
+    cfg = load_run(config)
     assert route_stages(cfg) == ["sample", "score", "prepare", "represent", "align", "fuse", "train", "merge", "eval"]
     make_ready(cfg)
-    for stage in ("sample", "score", "prepare", "represent", "align", "fuse", "train"):
+    for stage in ("sample", "score", "prepare"):
         run_stage(stage, cfg)
-    run = tmp_path / "run"
+    # The run folder moves between prepare and train: the rows' origins still name the old place.
+    run = tmp_path / "moved"
+    shutil.move(tmp_path / "run", run)
+    cfg = load_run(config, [f"run_dir={run}"])
+    for stage in ("represent", "align", "fuse", "train"):
+        run_stage(stage, cfg)
     best = [json.loads(line) for line in pool_answers_file(cfg).read_text().splitlines()]
     n = len(best)  # a prompt whose every answer came out empty has none
     assert n >= 3 and {b["model"] for b in best} <= {"pivot", "src"}  # with who answered
@@ -154,6 +161,13 @@ def test_the_explicit_route_trains_its_targets_on_the_pools_answers_and_sft_on_t
     assert target["train_sequences"] == 6 + n and sft["train_sequences"] == 6  # SFT on the gold alone
     fused = json.loads((run / "fuse" / "src" / "manifest.json").read_text())
     assert sum(fused["choices"].values()) == 6 + n  # the pool's answers have fused distributions too
+
+    manifest = json.loads((run / "prepared" / "manifest.json").read_text())
+    assert manifest["pool_answers"] == {"path": str(tmp_path / "run" / "pairs" / "sft.jsonl"), "rows": n}
+    del manifest["pool_answers"]  # prepared data that does not say which rows are the pool's
+    (run / "prepared" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FusechatError, match="fusechat prepare CONFIG --force"):
+        pooled_rows(cfg, prepared)
 
 
 def test_implicit_sft_trains_on_the_gold_and_the_pools_best_answers(tmp_path, tiny_models):

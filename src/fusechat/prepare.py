@@ -28,7 +28,7 @@ from fusechat.implicit.score import pairs_folder, pool_answers_file
 from fusechat.model_loading import load_tokenizer, tokenizer_hash
 from fusechat.pivot_answers import training_paths
 from fusechat.progress import console, progress_bar, summary_table
-from fusechat.rundir import RunDir, build_output, is_complete, require_complete, sha256_tree
+from fusechat.rundir import RunDir, build_output, is_complete, read_manifest, require_complete, sha256_tree
 
 SKIPPED_FILE = "skipped.jsonl"
 
@@ -217,11 +217,24 @@ def gold_rows(cfg: RunConfig, tokenizer) -> tuple[list[dict], str]:
 
 
 def pooled_rows(cfg: RunConfig, prepared) -> set[int]:
-    """Indices of the prepared rows made from the prompt pool's answers (none without a pool)."""
+    """Indices of the prepared rows made from the prompt pool's answers (none without a pool).
+
+    A row's origin names the file as the prepare stage read it, so the rows are found through the path the
+    prepare manifest recorded, not today's: a run folder moved or renamed since keeps its pool rows apart."""
     if not cfg.pool_paths():
         return set()
-    pool = f"{pool_answers_file(cfg)}:"
-    return {i for i, origin in enumerate(prepared["origin"]) if origin.startswith(pool)}
+    folder = RunDir(cfg.run_dir).stage("prepare")
+    manifest = read_manifest(folder) or {}
+    if "pool_answers" not in manifest:
+        raise FusechatError(f"{folder}: the prepared data does not record which rows came from the prompt pool's "
+                            "answers (made by an older fusechat); run `fusechat prepare CONFIG --force`")
+    pool = f"{manifest['pool_answers']['path']}:"
+    found = {i for i, origin in enumerate(prepared["origin"]) if origin.startswith(pool)}
+    if len(found) != manifest["pool_answers"]["rows"]:
+        raise FusechatError(f"{folder}: {len(found)} prepared row(s) come from {manifest['pool_answers']['path']}, "
+                            f"its manifest says {manifest['pool_answers']['rows']}; run `fusechat prepare CONFIG "
+                            "--force`")
+    return found
 
 
 def check_records(cfg: RunConfig) -> tuple[int, list[BadRecord]]:
@@ -273,8 +286,12 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         writer = ArrowWriter(features=features(), path=str(arrow_path))
         batch: list[Conversation] = []
 
+        pool_prefix, pool_rows = f"{pool_answers_file(cfg)}:", 0
+
         def flush():
+            nonlocal pool_rows
             rows = list(preparer.rows(batch))
+            pool_rows += sum(r["origin"].startswith(pool_prefix) for r in rows)
             if rows:
                 writer.write_batch({k: [r[k] for r in rows] for k in rows[0]})
             bar.advance(task, len(batch))
@@ -309,6 +326,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             max_length=cfg.prepare.max_length,
             counts=stats.as_dict(),
             skipped_records=SKIPPED_FILE,
+            pool_answers={"path": str(pool_answers_file(cfg)), "rows": pool_rows} if cfg.pool_paths() else None,
         )
     print_summary(stats, out)
     return out
