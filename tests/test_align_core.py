@@ -6,7 +6,7 @@ from references import align_dtw_reference, align_dtw_research, dtw_reference, d
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from fusechat.align.prefix import PrefixProjector, top_k
+from fusechat.align.prefix import PrefixProjector, pivot_first_piece, top_k
 from fusechat.align.project import (
     ALIGNED,
     DROPPED,
@@ -476,6 +476,31 @@ def test_prefix_projection_by_hand():
     assert proj.position(1, b"", source_ids, topk, probs) == pytest.approx({5: 0.45, 1: 0.3, 4: 0.25})
     # Inside "bc" after "b": only "bc" agrees with the emitted byte; what follows it is "c".
     assert proj.position(2, b"b", source_ids, topk, probs) == pytest.approx({3: 0.6})
+
+
+def _byte_level_pre_tokenizer_only():
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_prefix_projection_stays_within_the_pivots_pre_tokenized_piece():
+    # Text "x\n    return": the source reads "\n", "   ", " return"; a byte-level pivot writes "\n   ", " return"
+    # and also has "\n    " in its vocabulary, which it never uses before a word.
+    source_bytes = [b"\n", b"   ", b" return", b"    ", b"x"]
+    pivot_bytes = [b"\n", b"\n   ", b"\n    ", b" return", b"return", b"x"]
+    source_ids = np.array([4, 0, 1, 2])
+    topk = np.array([[0, 4], [1, 3], [2, 4], [0, 4]])
+    probs = np.array([[0.9, 0.1], [0.75, 0.25], [0.8, 0.2], [1.0, 0.0]])
+    first_piece = pivot_first_piece(_byte_level_pre_tokenizer_only())
+    assert [first_piece(x) for x in (b"\n    return", b"\n    ", b"\n   x")] == [4, None, 3]
+    bounded = PrefixProjector(pivot_bytes, source_bytes, first_piece=first_piece)
+    # The text itself (0.9 · 0.75 · 0.8) goes to "\n   "; the source's "    " (0.9 · 0.25) could end the piece, so
+    # to "\n    "; "\n   x" is cut "\n  ", " x" (0.9 · 0.75 · 0.2): only "\n" fits; "x" (0.1).
+    assert bounded.position(1, b"", source_ids, topk, probs) == pytest.approx({1: 0.54, 2: 0.225, 0: 0.135, 5: 0.1})
+    # The longest prefix alone would give the text itself to "\n    ".
+    unbounded = PrefixProjector(pivot_bytes, source_bytes)
+    assert unbounded.position(1, b"", source_ids, topk, probs) == pytest.approx({2: 0.765, 1: 0.135, 5: 0.1})
 
 
 def test_copy_of_the_pivot_gives_back_its_own_distribution(family_tokenizers):

@@ -20,9 +20,17 @@ predicts the source token containing the pivot token's first byte:
 Within a group of several pivot pieces this is the conditional given the bytes
 already emitted: source tokens that disagree with them are left out, and the
 result is renormalised, then cut to the top k.
+
+"Longest" stops at the pivot's pre-tokenizer: a pivot token never runs across the
+end of the first piece its pre-tokenizer cuts from the bytes. Byte-level BPE pivots
+write a four-space indent as ``"\n   "`` then ``" return"``, though ``"\n    "`` is
+in their vocabulary too; crediting the longer token would teach the pivot a
+tokenization it never produces (and, in code, to end a function before its body).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,11 +40,14 @@ class PrefixProjector:
 
     ``pivot_bytes`` / ``source_bytes``: bytes of each vocabulary id (``vocab.token_texts``);
     ``pivot_special``: pivot ids never chosen by bytes; ``source_special``: source id →
-    pivot id for special tokens (they map as a whole, only at a token start).
+    pivot id for special tokens (they map as a whole, only at a token start);
+    ``first_piece``: the byte length of the first piece the pivot's pre-tokenizer cuts
+    from some bytes, None while the bytes end inside it (``pivot_first_piece``).
     """
 
     def __init__(self, pivot_bytes: list[bytes], source_bytes: list[bytes], pivot_special=(),
-                 source_special: dict[int, int] | None = None):
+                 source_special: dict[int, int] | None = None,
+                 first_piece: Callable[[bytes], int | None] | None = None):
         skip = set(int(i) for i in pivot_special)
         self.by_bytes: dict[bytes, int] = {}
         for pid, b in enumerate(pivot_bytes):
@@ -46,15 +57,28 @@ class PrefixProjector:
         self.stems: set[bytes] = {b[:n] for b in self.by_bytes for n in range(len(b))}
         self.source_bytes = source_bytes
         self.source_special = dict(source_special or {})
+        self.first_piece = first_piece
         self._longest: dict[bytes, int] = {}
+        self._piece: dict[bytes, int | None] = {}
+
+    def piece_end(self, x: bytes) -> int | None:
+        """Where the pivot's pre-tokenizer ends the first piece of ``x``; None while ``x`` ends inside it."""
+        if self.first_piece is None:
+            return None
+        if x not in self._piece:
+            if len(self._piece) >= 1_000_000:
+                return self.first_piece(x)
+            self._piece[x] = self.first_piece(x)
+        return self._piece[x]
 
     def longest(self, x: bytes) -> int:
-        """The longest pivot token that is a prefix of ``x`` (−1 when none)."""
+        """The longest pivot token that is a prefix of ``x`` within its first pre-tokenized piece (−1: none)."""
         got = self._longest.get(x)
         if got is not None:
             return got
         best = -1
-        for n in range(1, len(x) + 1):
+        end = self.piece_end(x)
+        for n in range(1, (len(x) if end is None else end) + 1):
             piece = x[:n]
             pid = self.by_bytes.get(piece)
             if pid is not None:
@@ -100,7 +124,7 @@ class PrefixProjector:
     def _follow(self, prefix: bytes, w: float, v: int, source_ids, topk_ids, probs, out) -> None:
         """Mass ``w`` on the text's own bytes ``prefix``, continued by source token ``v`` onwards."""
         while True:
-            if v >= len(source_ids) or prefix not in self.stems or w < 1e-9:
+            if v >= len(source_ids) or prefix not in self.stems or w < 1e-9 or self.piece_end(prefix) is not None:
                 self._add(prefix, w, out)
                 return
             actual = int(source_ids[v])
@@ -119,6 +143,27 @@ class PrefixProjector:
                     self._add(prefix, carried, out)
                 return
             prefix, w, v = prefix + self.source_bytes[actual], carried, v + 1
+
+
+def pivot_first_piece(tokenizer) -> Callable[[bytes], int | None] | None:
+    """``first_piece`` for ``PrefixProjector`` from a fast tokenizer's pre-tokenizer (None without one).
+
+    Bytes that end inside a UTF-8 character are read up to the last whole one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None:
+        return None
+
+    def first_piece(x: bytes) -> int | None:
+        text = x.decode("utf-8", "ignore")
+        if not text or text.encode("utf-8") != x[:len(text.encode("utf-8"))]:
+            return None
+        pieces = pre.pre_tokenize_str(text)
+        if len(pieces) < 2 or pieces[0][1][1] <= 0:
+            return None
+        return len(text[:pieces[0][1][1]].encode("utf-8"))
+
+    return first_piece
 
 
 def top_k(masses: dict[int, float], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align.prefix import PrefixProjector
+from fusechat.align.prefix import PrefixProjector, pivot_first_piece
 from fusechat.align.project import STATUS_NAMES, project, project_spans
 from fusechat.align.sequence import (
     align_dtw,
@@ -55,7 +55,9 @@ def run(cfg: RunConfig, force: bool = False) -> list[Path]:
     return [align_source(cfg, spec, force) for spec in cfg.sources]
 
 
-ALIGN_VERSION = 3  # bumped when the same inputs give other output (2: byte-exact alignment, 3: AlignedRow shards)
+# Bumped when the same inputs give other output (2: byte-exact alignment, 3: AlignedRow shards, 4: prefix
+# projection within the pivot's pre-tokenized pieces).
+ALIGN_VERSION = 4
 
 
 class Aligner:
@@ -68,6 +70,7 @@ class Aligner:
         self.pivot_partial = partial_tokens(self.pivot_bytes)
         self.source_partial = partial_tokens(self.source_bytes)
         self.pivot_special = special_ids(pivot_tok)
+        self.pivot_first_piece = pivot_first_piece(pivot_tok)
         self.prefix: PrefixProjector | None = None
         if method == "dtw":
             self.pivot_strings = [comparable(b) for b in self.pivot_bytes]
@@ -90,7 +93,7 @@ class Aligner:
             return
         specials = np.flatnonzero(vocab_map.method == SPECIAL)
         self.prefix = PrefixProjector(self.pivot_bytes, self.source_bytes, self.pivot_special,
-                                      {int(i): int(vocab_map.pivot_id[i]) for i in specials})
+                                      {int(i): int(vocab_map.pivot_id[i]) for i in specials}, self.pivot_first_piece)
 
     def project(self, pivot_rep, source_rep, text: str, vocab_map: VocabMap, unaligned: str):
         pivot_ids = pivot_rep.input_ids.astype(np.int64)
