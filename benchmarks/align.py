@@ -18,7 +18,10 @@ the same synthetic text:
   prefix projection and without it (exact spans only). The source's top-k is
   synthetic (the token it actually reads next first, then random ids), so
   ``first_byte_agreement`` checks that the projected top token starts with the
-  byte the source produced next (target 1.0; coverage target ≥ 0.95).
+  byte the source produced next (target 1.0; coverage target ≥ 0.95), and
+  ``top_is_next_token`` that it is the pivot's own next token. ``longest_prefix``
+  is the projection by longest prefix alone, without the pivot's own first token, for
+  comparison.
 
     python benchmarks/align.py [--json PATH]
 """
@@ -70,7 +73,7 @@ def real_pair_coverage(k: int = 10, seed: int = 0) -> dict:
     """Coverage on the multilingual text for SmolLM2 ← Gemma-3; {"skipped": why} without the real extra."""
     import numpy as np
 
-    from fusechat.align.prefix import PrefixProjector
+    from fusechat.align.prefix import PrefixProjector, pivot_first_token
     from fusechat.align.project import project_spans
     from fusechat.align.sequence import align_offsets, byte_spans
     from fusechat.align.vocab import SPECIAL, build_vocab_map, special_ids, token_texts
@@ -117,13 +120,14 @@ def real_pair_coverage(k: int = 10, seed: int = 0) -> dict:
         pairs[(sid, pid)] = pairs.get((sid, pid), 0) + 1
     vocab_map = build_vocab_map(source, pivot, pairs, needed=np.unique(topk))
     specials = np.flatnonzero(vocab_map.method == SPECIAL)
-    prefix = PrefixProjector(p_bytes, s_bytes, special_ids(pivot),
-                             {int(i): int(vocab_map.pivot_id[i]) for i in specials})
+    special_map = {int(i): int(vocab_map.pivot_id[i]) for i in specials}
+    prefix = PrefixProjector(p_bytes, s_bytes, special_ids(pivot), special_map, pivot_first_token(pivot))
+    longest = PrefixProjector(p_bytes, s_bytes, special_ids(pivot), special_map)
     mask = np.ones(len(p_ids), dtype=bool)
     mask[0] = False
     out = {"pivot": "smollm2", "source": "gemma3", "text_bytes": len(data), "pivot_tokens": len(p_ids),
            "source_tokens": S, "k": k}
-    for label, proj_prefix in (("with_prefix", prefix), ("exact_only", None)):
+    for label, proj_prefix in (("with_prefix", prefix), ("longest_prefix", longest), ("exact_only", None)):
         started = time.perf_counter()
         proj = project_spans(p_ids, mask, p_spans, s_ids, s_spans, topk, logits, vocab_map.pivot_id, proj_prefix,
                              data, "one_hot")
@@ -134,6 +138,8 @@ def real_pair_coverage(k: int = 10, seed: int = 0) -> dict:
         agree = [p_bytes[int(proj.ids[i, 0])][:1] == p_bytes[int(p_ids[i + 1])][:1] for i in covered]
         out[label] = {**counts, "covered_share": round((counts["exact"] + counts["prefix"]) / total, 4),
                       "first_byte_agreement": round(float(np.mean(agree)), 4) if agree else None,
+                      "top_is_next_token": round(float(np.mean(proj.ids[covered, 0] == p_ids[covered + 1])), 4)
+                      if len(covered) else None,
                       "project_s": round(elapsed, 4)}
     out["text"] = text
     return out
@@ -220,11 +226,12 @@ def main(argv=None) -> int:
     if "skipped" in cov:
         print(f"coverage: skipped: {cov['skipped']}")
     else:
-        for label in ("with_prefix", "exact_only"):
+        for label in ("with_prefix", "longest_prefix", "exact_only"):
             c = cov[label]
             print(f"coverage {cov['pivot']} <- {cov['source']} ({label}): {c['covered_share']:.1%} of "
                   f"{cov['pivot_tokens'] - 1} positions (exact {c['exact']}, prefix {c['prefix']}, fallback "
-                  f"{c['fallback']}); first-byte agreement {c['first_byte_agreement']}   (target >= 95%)")
+                  f"{c['fallback']}); first-byte agreement {c['first_byte_agreement']}, top is the pivot's next "
+                  f"token {c['top_is_next_token']}   (target >= 95%)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if same else 1

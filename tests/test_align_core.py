@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from references import align_dtw_reference, align_dtw_research, dtw_reference, dtw_research, levenshtein_reference
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from fusechat.align.prefix import PrefixProjector, pivot_first_piece, top_k
+from fusechat.align.prefix import PrefixProjector, pivot_first_token, top_k
 from fusechat.align.project import (
     ALIGNED,
     DROPPED,
@@ -478,29 +478,52 @@ def test_prefix_projection_by_hand():
     assert proj.position(2, b"b", source_ids, topk, probs) == pytest.approx({3: 0.6})
 
 
-def _byte_level_pre_tokenizer_only():
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+def _tiny_byte_level_bpe():
+    """A byte-level BPE pivot: "\n" + up to four spaces, " return", and "ass" + "istant" for "assistant" though
+    "assist" is a token too (its merge ranks last)."""
+    chars = ["Ċ", "Ġ", "r", "e", "t", "u", "n", "x", "a", "s", "i", ":"]
+    merges = [("Ċ", "Ġ"), ("ĊĠ", "Ġ"), ("ĊĠĠ", "Ġ"), ("ĊĠĠĠ", "Ġ"), ("Ġ", "r"), ("Ġr", "e"), ("Ġre", "t"),
+              ("Ġret", "u"), ("Ġretu", "r"), ("Ġretur", "n"), ("a", "s"), ("as", "s"), ("i", "s"), ("is", "t"),
+              ("ist", "a"), ("ista", "n"), ("istan", "t"), ("ass", "ist")]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def test_prefix_projection_stays_within_the_pivots_pre_tokenized_piece():
-    # Text "x\n    return": the source reads "\n", "   ", " return"; a byte-level pivot writes "\n   ", " return"
-    # and also has "\n    " in its vocabulary, which it never uses before a word.
+def test_prefix_projection_gives_the_text_to_the_token_the_pivot_writes():
+    # Text "x\n    return": the source reads "\n", "   ", " return"; the pivot writes "\n   ", " return" and
+    # also has "\n    " in its vocabulary, which it never writes before a word.
+    pivot = _tiny_byte_level_bpe()
+    pivot_bytes = token_texts(pivot)
+    pid = {b: i for i, b in enumerate(pivot_bytes)}
     source_bytes = [b"\n", b"   ", b" return", b"    ", b"x"]
-    pivot_bytes = [b"\n", b"\n   ", b"\n    ", b" return", b"return", b"x"]
     source_ids = np.array([4, 0, 1, 2])
     topk = np.array([[0, 4], [1, 3], [2, 4], [0, 4]])
     probs = np.array([[0.9, 0.1], [0.75, 0.25], [0.8, 0.2], [1.0, 0.0]])
-    first_piece = pivot_first_piece(_byte_level_pre_tokenizer_only())
-    assert [first_piece(x) for x in (b"\n    return", b"\n    ", b"\n   x")] == [4, None, 3]
-    bounded = PrefixProjector(pivot_bytes, source_bytes, first_piece=first_piece)
-    # The text itself (0.9 · 0.75 · 0.8) goes to "\n   "; the source's "    " (0.9 · 0.25) could end the piece, so
-    # to "\n    "; "\n   x" is cut "\n  ", " x" (0.9 · 0.75 · 0.2): only "\n" fits; "x" (0.1).
-    assert bounded.position(1, b"", source_ids, topk, probs) == pytest.approx({1: 0.54, 2: 0.225, 0: 0.135, 5: 0.1})
-    # The longest prefix alone would give the text itself to "\n    ".
-    unbounded = PrefixProjector(pivot_bytes, source_bytes)
-    assert unbounded.position(1, b"", source_ids, topk, probs) == pytest.approx({2: 0.765, 1: 0.135, 5: 0.1})
+    first_token = pivot_first_token(pivot)
+    assert [first_token(x) for x in (b"\n    return", b"\n    ", b"\n   x", b"assistant:")] == [
+        pid[b"\n   "], None, pid[b"\n  "], pid[b"ass"]]
+    written = PrefixProjector(pivot_bytes, source_bytes, first_token=first_token)
+    assert written.longest(b"assistant:") == pid[b"ass"] and written.longest(b"assistant") == pid[b"assist"]
+    # The text itself (0.9 · 0.75 · 0.8) goes to "\n   "; the source's "    " (0.9 · 0.25) may end its piece, so it
+    # keeps the longest prefix "\n    "; "\n   x" (0.9 · 0.75 · 0.2) the pivot writes "\n  ", " x"; "x" (0.1).
+    assert written.position(1, b"", source_ids, topk, probs) == pytest.approx(
+        {pid[b"\n   "]: 0.54, pid[b"\n    "]: 0.225, pid[b"\n  "]: 0.135, pid[b"x"]: 0.1})
+    # By longest prefix alone, the text itself would go to "\n    ".
+    longest = PrefixProjector(pivot_bytes, source_bytes)
+    assert longest.position(1, b"", source_ids, topk, probs) == pytest.approx(
+        {pid[b"\n    "]: 0.765, pid[b"\n   "]: 0.135, pid[b"x"]: 0.1})
+
+
+def test_no_first_token_where_the_pivot_marks_the_first_word():
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "▁a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    assert pivot_first_token(PreTrainedTokenizerFast(tokenizer_object=tok)) is None
+    assert pivot_first_token(_tiny_byte_level_bpe()) is not None
 
 
 def test_copy_of_the_pivot_gives_back_its_own_distribution(family_tokenizers):

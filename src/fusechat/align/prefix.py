@@ -21,11 +21,15 @@ Within a group of several pivot pieces this is the conditional given the bytes
 already emitted: source tokens that disagree with them are left out, and the
 result is renormalised, then cut to the top k.
 
-"Longest" stops at the pivot's pre-tokenizer: a pivot token never runs across the
-end of the first piece its pre-tokenizer cuts from the bytes. Byte-level BPE pivots
-write a four-space indent as ``"\n   "`` then ``" return"``, though ``"\n    "`` is
-in their vocabulary too; crediting the longer token would teach the pivot a
-tokenization it never produces (and, in code, to end a function before its body).
+With the pivot's tokenizer at hand (``pivot_first_token``), bytes whose first
+pre-tokenized piece is complete go to the token the pivot itself writes first for
+them, not to the longest prefix: byte-level BPE pivots write a four-space indent as
+``"\n   "`` then ``" return"``, though ``"\n    "`` is in their vocabulary too, and
+``assistant`` as ``ass`` + ``istant`` though ``assist`` is a token. Crediting the
+longest prefix teaches the pivot tokenizations it never produces (in code, at every
+indented line). The text's own continuation is followed until its first piece is
+complete (at most ``MAX_PIECE_BYTES``); bytes that still end inside it keep the
+longest prefix.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+MAX_PIECE_BYTES = 64  # the text is followed this far at most for the pivot's first piece; then the longest prefix
+
 
 class PrefixProjector:
     """Byte-prefix projection for one (pivot, source) pair.
@@ -41,13 +47,13 @@ class PrefixProjector:
     ``pivot_bytes`` / ``source_bytes``: bytes of each vocabulary id (``vocab.token_texts``);
     ``pivot_special``: pivot ids never chosen by bytes; ``source_special``: source id →
     pivot id for special tokens (they map as a whole, only at a token start);
-    ``first_piece``: the byte length of the first piece the pivot's pre-tokenizer cuts
-    from some bytes, None while the bytes end inside it (``pivot_first_piece``).
+    ``first_token``: the pivot token the pivot's tokenizer writes first for some bytes,
+    None while the bytes end inside their first pre-tokenized piece (``pivot_first_token``).
     """
 
     def __init__(self, pivot_bytes: list[bytes], source_bytes: list[bytes], pivot_special=(),
                  source_special: dict[int, int] | None = None,
-                 first_piece: Callable[[bytes], int | None] | None = None):
+                 first_token: Callable[[bytes], int | None] | None = None):
         skip = set(int(i) for i in pivot_special)
         self.by_bytes: dict[bytes, int] = {}
         for pid, b in enumerate(pivot_bytes):
@@ -57,28 +63,32 @@ class PrefixProjector:
         self.stems: set[bytes] = {b[:n] for b in self.by_bytes for n in range(len(b))}
         self.source_bytes = source_bytes
         self.source_special = dict(source_special or {})
-        self.first_piece = first_piece
+        self.first_token = first_token
         self._longest: dict[bytes, int] = {}
-        self._piece: dict[bytes, int | None] = {}
+        self._first: dict[bytes, int | None] = {}
 
-    def piece_end(self, x: bytes) -> int | None:
-        """Where the pivot's pre-tokenizer ends the first piece of ``x``; None while ``x`` ends inside it."""
-        if self.first_piece is None:
+    def written(self, x: bytes) -> int | None:
+        """The pivot token its tokenizer writes first for ``x``; None while ``x`` ends inside its first piece."""
+        if self.first_token is None:
             return None
-        if x not in self._piece:
-            if len(self._piece) >= 1_000_000:
-                return self.first_piece(x)
-            self._piece[x] = self.first_piece(x)
-        return self._piece[x]
+        if x not in self._first:
+            if len(self._first) >= 1_000_000:
+                return self.first_token(x)
+            self._first[x] = self.first_token(x)
+        return self._first[x]
 
     def longest(self, x: bytes) -> int:
-        """The longest pivot token that is a prefix of ``x`` within its first pre-tokenized piece (−1: none)."""
+        """The pivot token ``x`` begins with: the one the pivot writes first, else the longest prefix (−1: none)."""
         got = self._longest.get(x)
         if got is not None:
             return got
+        best = self.written(x)
+        if best is not None:
+            if len(self._longest) < 1_000_000:
+                self._longest[x] = best
+            return best
         best = -1
-        end = self.piece_end(x)
-        for n in range(1, (len(x) if end is None else end) + 1):
+        for n in range(1, len(x) + 1):
             piece = x[:n]
             pid = self.by_bytes.get(piece)
             if pid is not None:
@@ -124,7 +134,11 @@ class PrefixProjector:
     def _follow(self, prefix: bytes, w: float, v: int, source_ids, topk_ids, probs, out) -> None:
         """Mass ``w`` on the text's own bytes ``prefix``, continued by source token ``v`` onwards."""
         while True:
-            if v >= len(source_ids) or prefix not in self.stems or w < 1e-9 or self.piece_end(prefix) is not None:
+            # With the pivot's tokenizer, the first token of a piece (BPE merges) is known once the piece ends, so
+            # the text is followed that far even where no longer pivot token is possible.
+            settled = (prefix not in self.stems if self.first_token is None
+                       else len(prefix) >= MAX_PIECE_BYTES or self.written(prefix) is not None)
+            if v >= len(source_ids) or w < 1e-9 or settled:
                 self._add(prefix, w, out)
                 return
             actual = int(source_ids[v])
@@ -145,25 +159,36 @@ class PrefixProjector:
             prefix, w, v = prefix + self.source_bytes[actual], carried, v + 1
 
 
-def pivot_first_piece(tokenizer) -> Callable[[bytes], int | None] | None:
-    """``first_piece`` for ``PrefixProjector`` from a fast tokenizer's pre-tokenizer (None without one).
+def pivot_first_token(tokenizer) -> Callable[[bytes], int | None] | None:
+    """``first_token`` for ``PrefixProjector`` from a fast tokenizer (None without a pre-tokenizer).
 
-    Bytes that end inside a UTF-8 character are read up to the last whole one."""
+    The bytes are normalised and pre-tokenized as the tokenizer does; once a second piece
+    begins, the first is complete and its first token, by the tokenizer's own model (BPE
+    merges, not the longest match), is the answer. Bytes that end inside a UTF-8 character
+    are read up to the last whole one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None)
     if pre is None:
         return None
+    normalizer = backend.normalizer
+    # A tokenizer that writes a space marker before the first word (Metaspace's prepend) would read bytes from the
+    # middle of a text as its start: only the longest prefix is safe there.
+    if [piece for piece, _ in pre.pre_tokenize_str("a")] != ["a"] or (normalizer and normalizer.normalize_str("a") != "a"):
+        return None
 
-    def first_piece(x: bytes) -> int | None:
+    def first_token(x: bytes) -> int | None:
         text = x.decode("utf-8", "ignore")
-        if not text or text.encode("utf-8") != x[:len(text.encode("utf-8"))]:
+        if not text or not x.startswith(text.encode("utf-8")):
             return None
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
         pieces = pre.pre_tokenize_str(text)
-        if len(pieces) < 2 or pieces[0][1][1] <= 0:
+        if len(pieces) < 2:
             return None
-        return len(text[:pieces[0][1][1]].encode("utf-8"))
+        tokens = backend.model.tokenize(pieces[0][0])
+        return tokens[0].id if tokens else None
 
-    return first_piece
+    return first_token
 
 
 def top_k(masses: dict[int, float], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align.prefix import PrefixProjector, pivot_first_piece
+from fusechat.align.prefix import PrefixProjector, pivot_first_token
 from fusechat.align.project import STATUS_NAMES, project, project_spans
 from fusechat.align.sequence import (
     align_dtw,
@@ -56,7 +56,7 @@ def run(cfg: RunConfig, force: bool = False) -> list[Path]:
 
 
 # Bumped when the same inputs give other output (2: byte-exact alignment, 3: AlignedRow shards, 4: prefix
-# projection within the pivot's pre-tokenized pieces).
+# projection onto the token the pivot writes first).
 ALIGN_VERSION = 4
 
 
@@ -70,7 +70,7 @@ class Aligner:
         self.pivot_partial = partial_tokens(self.pivot_bytes)
         self.source_partial = partial_tokens(self.source_bytes)
         self.pivot_special = special_ids(pivot_tok)
-        self.pivot_first_piece = pivot_first_piece(pivot_tok)
+        self.pivot_first_token = pivot_first_token(pivot_tok)
         self.prefix: PrefixProjector | None = None
         if method == "dtw":
             self.pivot_strings = [comparable(b) for b in self.pivot_bytes]
@@ -93,7 +93,7 @@ class Aligner:
             return
         specials = np.flatnonzero(vocab_map.method == SPECIAL)
         self.prefix = PrefixProjector(self.pivot_bytes, self.source_bytes, self.pivot_special,
-                                      {int(i): int(vocab_map.pivot_id[i]) for i in specials}, self.pivot_first_piece)
+                                      {int(i): int(vocab_map.pivot_id[i]) for i in specials}, self.pivot_first_token)
 
     def project(self, pivot_rep, source_rep, text: str, vocab_map: VocabMap, unaligned: str):
         pivot_ids = pivot_rep.input_ids.astype(np.int64)
