@@ -224,16 +224,15 @@ def pooled_rows(cfg: RunConfig, prepared) -> set[int]:
     if not cfg.pool_paths():
         return set()
     folder = RunDir(cfg.run_dir).stage("prepare")
-    manifest = read_manifest(folder) or {}
-    if "pool_answers" not in manifest:
-        raise FusechatError(f"{folder}: the prepared data does not record which rows came from the prompt pool's "
-                            "answers (made by an older fusechat); run `fusechat prepare CONFIG --force`")
-    pool = f"{manifest['pool_answers']['path']}:"
-    found = {i for i, origin in enumerate(prepared["origin"]) if origin.startswith(pool)}
-    if len(found) != manifest["pool_answers"]["rows"]:
-        raise FusechatError(f"{folder}: {len(found)} prepared row(s) come from {manifest['pool_answers']['path']}, "
-                            f"its manifest says {manifest['pool_answers']['rows']}; run `fusechat prepare CONFIG "
-                            "--force`")
+    record = (read_manifest(folder) or {}).get("pool_answers")
+    if not record:
+        raise FusechatError(f"{folder}: the prepared data does not say which rows came from the prompt pool's "
+                            "answers (prepared before the pool was configured, or by an older fusechat); run "
+                            "`fusechat prepare CONFIG --force`")
+    found = {i for i, origin in enumerate(prepared["origin"]) if origin.startswith(f"{record['path']}:")}
+    if len(found) != record["rows"]:
+        raise FusechatError(f"{folder}: {len(found)} prepared row(s) come from {record['path']}, its manifest says "
+                            f"{record['rows']}; run `fusechat prepare CONFIG --force`")
     return found
 
 
