@@ -143,7 +143,11 @@ def wait_for_moment(proc, run_dir: Path, patterns: list[str], nth: int, timeout:
     deadline = time.time() + timeout
     while proc.is_alive() and time.time() < deadline:
         for pattern in patterns:
-            for p in run_dir.glob(pattern):
+            try:
+                found = list(run_dir.glob(pattern))
+            except FileNotFoundError:  # a temporary folder renamed or removed while glob walked it
+                continue
+            for p in found:
                 if str(p) not in seen:
                     seen.add(str(p))
                     if len(seen) >= nth:
