@@ -39,6 +39,7 @@ from collections.abc import Callable
 import numpy as np
 
 MAX_PIECE_BYTES = 64  # the text is followed this far at most for the pivot's first piece; then the longest prefix
+CACHE_LIMIT = 1_000_000  # distinct byte strings each cache remembers
 
 
 class PrefixProjector:
@@ -72,7 +73,7 @@ class PrefixProjector:
         if self.first_token is None:
             return None
         if x not in self._first:
-            if len(self._first) >= 1_000_000:
+            if len(self._first) >= CACHE_LIMIT:
                 return self.first_token(x)
             self._first[x] = self.first_token(x)
         return self._first[x]
@@ -82,11 +83,9 @@ class PrefixProjector:
         got = self._longest.get(x)
         if got is not None:
             return got
-        best = self.written(x)
-        if best is not None:
-            if len(self._longest) < 1_000_000:
-                self._longest[x] = best
-            return best
+        written = self.written(x)
+        if written is not None:
+            return written
         best = -1
         for n in range(1, len(x) + 1):
             piece = x[:n]
@@ -95,7 +94,7 @@ class PrefixProjector:
                 best = pid
             if piece not in self.stems:
                 break
-        if len(self._longest) < 1_000_000:
+        if len(self._longest) < CACHE_LIMIT:
             self._longest[x] = best
         return best
 
