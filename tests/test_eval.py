@@ -173,6 +173,22 @@ def test_answer_bits_match_a_forward_pass_by_hand(qa_models):
     assert results["bits_per_byte"]["trained"]["open"] == pytest.approx(bits / n_bytes, rel=1e-5)
 
 
+def test_bits_project_only_the_positions_that_predict_the_answer(qa_models):
+    model, tokenizer = qa_models["model"], qa_models["tokenizer"]
+    encoder = ChatEncoder(tokenizer)
+    seqs = [encoder.answer_ids(it.messages, it.answer) for it in QA_ITEMS[:2]]
+    widths = []
+    head = model.get_output_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    try:
+        bits = answer_bits(model, tokenizer, QA_ITEMS[:2], batch_size=2)
+    finally:
+        head.remove()
+    longest = max(len(ids) for ids, _ in seqs)
+    assert widths == [longest - (min(start for _, start in seqs) - 1)]  # not the prompts' positions
+    assert [b for b, _ in bits] == pytest.approx([manual_bits(model, tokenizer, it) for it in QA_ITEMS[:2]],
+                                                 rel=1e-4)
+
+
 def test_batches_keep_their_logits_within_a_budget():
     from fusechat.generation import batches
 
