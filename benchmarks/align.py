@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import best_of
+
 
 def synthetic_texts(n: int, words_per_text: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
@@ -143,15 +145,6 @@ def real_pair_coverage(k: int = 10, seed: int = 0) -> dict:
                       "project_s": round(elapsed, 4)}
     out["text"] = text
     return out
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main(argv=None) -> int:
